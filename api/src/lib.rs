@@ -1,0 +1,2 @@
+//! API types shared by the VMM, its client and the guest agent (placeholder).
+#![forbid(unsafe_code)]

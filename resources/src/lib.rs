@@ -1,0 +1,1 @@
+//! Guest and test-host images (placeholder).

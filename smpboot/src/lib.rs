@@ -1,0 +1,1 @@
+//! Per-CPU hotplug thread registry (placeholder; see ../shared/design/smpboot-spec.md).
