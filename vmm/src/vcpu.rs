@@ -1,0 +1,456 @@
+//! vCPU threads.
+//!
+//! A [`Vcpu`] owns a KVM vCPU fd. Started, it moves into its own thread
+//! ([`run_vcpu`]) and the caller keeps a [`VcpuHandle`]. The thread's
+//! life is an explicit state machine:
+//!
+//! ```text
+//!   Created --start--> Running --stop request seen--> Stopped (Vcpu returned)
+//!                         |
+//!                         +--guest power off / reset / failure--> Stopped
+//! ```
+//!
+//! Stopping is "set the stop flag, set `immediate_exit` in the vCPU's
+//! `kvm_run`, then signal the thread": whether the thread is inside
+//! KVM_RUN (the signal makes it return EINTR) or about to enter it
+//! (`immediate_exit` makes it return at once), it sees the flag without a
+//! lost wake-up. The caller then joins with a bound. The vCPU fd itself is
+//! never closed (KVM cannot destroy a vCPU): the joined thread hands the
+//! [`Vcpu`] back for reuse.
+
+use std::os::raw::c_int;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_mp_state, CpuId, KVM_MP_STATE_UNINITIALIZED};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::BootEntry;
+use crate::bus::Bus;
+use crate::memory::GuestMemoryMmap;
+use crate::x86::{msrs, regs};
+
+/// Offset from SIGRTMIN of the signal that kicks a vCPU out of KVM_RUN.
+pub const KICK_SIGNAL_OFFSET: c_int = 0;
+
+/// Events a vCPU thread reports to the VMM thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest asked for a reset (reboot, triple fault).
+    Reset,
+    /// A vCPU cannot continue.
+    Failed {
+        /// Which vCPU.
+        vcpu: u32,
+        /// What happened.
+        reason: String,
+    },
+    /// The guest ejected a vCPU through ACPI (`_EJ0`).
+    Ejected(u32),
+}
+
+/// The sending side of the VMM thread's event queue: a channel plus an
+/// eventfd that wakes the event loop.
+#[derive(Clone, Debug)]
+pub struct EventSender {
+    tx: Sender<VmEvent>,
+    wake: Arc<EventFd>,
+}
+
+impl EventSender {
+    /// A queue; the receiver is drained after `wake` becomes readable.
+    pub fn new() -> std::io::Result<(Self, Receiver<VmEvent>, Arc<EventFd>)> {
+        let (tx, rx) = mpsc::channel();
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok((
+            Self {
+                tx,
+                wake: wake.clone(),
+            },
+            rx,
+            wake,
+        ))
+    }
+
+    /// Sends an event and wakes the event loop. Never blocks.
+    pub fn send(&self, event: VmEvent) {
+        if self.tx.send(event).is_ok() {
+            let _ = self.wake.write(1);
+        }
+    }
+}
+
+/// Errors of vCPU set-up and control.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM_CREATE_VCPU failed.
+    #[error("cannot create vCPU {0}")]
+    Create(u32, #[source] kvm_ioctls::Error),
+    /// A KVM_SET_* call failed while configuring.
+    #[error("cannot set {what} of vCPU {id}")]
+    Configure {
+        /// vCPU.
+        id: u32,
+        /// Which state.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Writing boot structures failed.
+    #[error("cannot prepare the boot vCPU")]
+    Boot(#[source] regs::RegsError),
+    /// Spawning the thread failed.
+    #[error("cannot spawn the thread of vCPU {0}")]
+    Spawn(u32, #[source] std::io::Error),
+    /// Installing the kick signal handler failed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// The thread did not stop within the bound.
+    #[error("vCPU {0} thread did not stop within {1:?}")]
+    JoinTimeout(u32, Duration),
+    /// The thread ended without handing back its vCPU (it panicked outside the guarded loop).
+    #[error("vCPU {0} thread was lost")]
+    Lost(u32),
+}
+
+/// A KVM vCPU, not running.
+#[derive(Debug)]
+pub struct Vcpu {
+    id: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` (its APIC ID) in `vm`.
+    pub fn create(vm: &VmFd, id: u32) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VcpuError::Create(id, e))?;
+        Ok(Self { id, fd })
+    }
+
+    /// The vCPU id (= APIC ID).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn cfg<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
+        r.map_err(|source| VcpuError::Configure {
+            id: self.id,
+            what,
+            source,
+        })
+    }
+
+    /// Sets the state every vCPU needs: CPUID, MSRs, FPU, LAPIC LINT pins.
+    pub fn configure(&self, cpuid: &CpuId) -> Result<(), VcpuError> {
+        self.cfg("CPUID", self.fd.set_cpuid2(cpuid))?;
+        self.cfg("MSRs", self.fd.set_msrs(&msrs::boot_msrs()).map(|_| ()))?;
+        self.cfg("FPU", self.fd.set_fpu(&regs::boot_fpu()))?;
+        let mut lapic = self.cfg("LAPIC", self.fd.get_lapic())?;
+        regs::configure_lint(&mut lapic);
+        self.cfg("LAPIC", self.fd.set_lapic(&lapic))
+    }
+
+    /// Makes this the boot vCPU entering the kernel at `entry`.
+    pub fn configure_boot(&self, mem: &GuestMemoryMmap, entry: &BootEntry) -> Result<(), VcpuError> {
+        let sregs = self.cfg("special registers", self.fd.get_sregs())?;
+        let sregs = regs::boot_sregs(mem, entry.mode, sregs).map_err(VcpuError::Boot)?;
+        self.cfg("special registers", self.fd.set_sregs(&sregs))?;
+        let r = regs::boot_regs(entry.mode, entry.entry, entry.boot_info);
+        self.cfg("registers", self.fd.set_regs(&r))
+    }
+
+    /// Puts an application processor back into wait-for-SIPI, as a
+    /// re-added vCPU must be: the guest's INIT-SIPI-SIPI starts it.
+    pub fn wait_for_sipi(&self) -> Result<(), VcpuError> {
+        let state = kvm_mp_state {
+            mp_state: KVM_MP_STATE_UNINITIALIZED,
+        };
+        self.cfg("MP state", self.fd.set_mp_state(state))
+    }
+
+    /// Starts the vCPU's thread.
+    pub fn start(mut self, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let id = self.id;
+        let control = Arc::new(Control {
+            stop: AtomicBool::new(false),
+            state: AtomicU8::new(VcpuState::Created as u8),
+        });
+        let immediate_exit = ImmediateExit::of(&mut self.fd);
+        let (done_tx, done_rx) = mpsc::channel();
+        let thread_control = control.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let _done = DoneGuard(done_tx);
+                run_vcpu(self, &ctx, &thread_control)
+            })
+            .map_err(|e| VcpuError::Spawn(id, e))?;
+        Ok(VcpuHandle {
+            id,
+            control,
+            immediate_exit,
+            thread,
+            done: done_rx,
+        })
+    }
+}
+
+/// What a running vCPU needs from the VM.
+#[derive(Clone, Debug)]
+pub struct VcpuContext {
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Where to report VM-level events.
+    pub events: EventSender,
+}
+
+/// Observable state of a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuState {
+    /// Spawned, not yet in KVM_RUN.
+    Created = 0,
+    /// In its run loop.
+    Running = 1,
+    /// Left its loop.
+    Stopped = 2,
+}
+
+#[derive(Debug)]
+struct Control {
+    stop: AtomicBool,
+    state: AtomicU8,
+}
+
+/// Pointer to the `immediate_exit` byte of a vCPU's `kvm_run` mapping.
+#[derive(Debug)]
+struct ImmediateExit(*mut u8);
+
+// SAFETY: the pointer targets the vCPU's kvm_run mapping, which lives as
+// long as its VcpuFd; the VcpuFd is owned by the vCPU thread and handed
+// back through the JoinHandle the VcpuHandle also owns, so the mapping
+// outlives every use through the handle. The byte is only ever written
+// whole (a single-byte volatile store), which cannot tear.
+unsafe impl Send for ImmediateExit {}
+// SAFETY: as for Send; concurrent single-byte stores are benign.
+unsafe impl Sync for ImmediateExit {}
+
+impl ImmediateExit {
+    fn of(fd: &mut VcpuFd) -> Self {
+        Self(&mut fd.get_kvm_run().immediate_exit as *mut u8)
+    }
+
+    fn set(&self, value: u8) {
+        // SAFETY: see the Send impl: the mapping is alive and writable.
+        unsafe { std::ptr::write_volatile(self.0, value) }
+    }
+}
+
+/// Sends on drop, so the handle learns the thread ended even on panic.
+struct DoneGuard(Sender<()>);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// The caller's side of a running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    id: u32,
+    control: Arc<Control>,
+    immediate_exit: ImmediateExit,
+    thread: JoinHandle<Option<Vcpu>>,
+    done: Receiver<()>,
+}
+
+impl VcpuHandle {
+    /// The vCPU id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The thread's state.
+    pub fn state(&self) -> VcpuState {
+        match self.control.state.load(Ordering::Acquire) {
+            0 => VcpuState::Created,
+            1 => VcpuState::Running,
+            _ => VcpuState::Stopped,
+        }
+    }
+
+    /// Asks the thread to stop and kicks it out of KVM_RUN. Returns at once.
+    pub fn request_stop(&self) {
+        self.control.stop.store(true, Ordering::Release);
+        self.immediate_exit.set(1);
+        if self.state() != VcpuState::Stopped {
+            // The thread may have just exited: ESRCH is fine.
+            let _ = self.thread.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
+        }
+    }
+
+    /// Stops the thread and joins it within `timeout`, returning the vCPU
+    /// for reuse. On timeout the handle comes back with the error.
+    pub fn stop(self, timeout: Duration) -> Result<Vcpu, (Box<VcpuHandle>, VcpuError)> {
+        self.request_stop();
+        match self.done.recv_timeout(timeout) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                let id = self.id;
+                return Err((Box::new(self), VcpuError::JoinTimeout(id, timeout)));
+            }
+        }
+        let id = self.id;
+        match self.thread.join() {
+            Ok(Some(vcpu)) => Ok(vcpu),
+            Ok(None) | Err(_) => Err((
+                Box::new(VcpuHandle {
+                    id,
+                    control: self.control,
+                    immediate_exit: self.immediate_exit,
+                    thread: std::thread::spawn(|| None),
+                    done: self.done,
+                }),
+                VcpuError::Lost(id),
+            )),
+        }
+    }
+}
+
+extern "C" fn kick_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static RESULT: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
+    RESULT
+        .get_or_init(|| register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler))
+        .map_err(VcpuError::Signal)
+}
+
+/// What the loop does after one exit.
+enum Next {
+    Continue,
+    Stop,
+}
+
+/// The vCPU thread body: run until asked to stop or the VM ends. Returns
+/// the vCPU for reuse (None only if it could not be recovered).
+fn run_vcpu(mut vcpu: Vcpu, ctx: &VcpuContext, control: &Control) -> Option<Vcpu> {
+    control
+        .state
+        .store(VcpuState::Running as u8, Ordering::Release);
+    let id = vcpu.id;
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        while !control.stop.load(Ordering::Acquire) {
+            if let Next::Stop = run_once(&mut vcpu, ctx) {
+                break;
+            }
+        }
+    }));
+    if outcome.is_err() {
+        ctx.events.send(VmEvent::Failed {
+            vcpu: id,
+            reason: "vCPU thread panicked while handling an exit".into(),
+        });
+    }
+    control
+        .state
+        .store(VcpuState::Stopped as u8, Ordering::Release);
+    Some(vcpu)
+}
+
+/// One KVM_RUN and the handling of its exit.
+fn run_once(vcpu: &mut Vcpu, ctx: &VcpuContext) -> Next {
+    let id = vcpu.id;
+    let fail = |reason: String| {
+        ctx.events.send(VmEvent::Failed { vcpu: id, reason });
+        Next::Stop
+    };
+    match vcpu.fd.run() {
+        Ok(exit) => match exit {
+            VcpuExit::IoIn(port, data) => {
+                ctx.pio.read(u64::from(port), data);
+                Next::Continue
+            }
+            VcpuExit::IoOut(port, data) => {
+                ctx.pio.write(u64::from(port), data);
+                Next::Continue
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                ctx.mmio.read(addr, data);
+                Next::Continue
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                ctx.mmio.write(addr, data);
+                Next::Continue
+            }
+            VcpuExit::Hlt | VcpuExit::Intr => Next::Continue,
+            VcpuExit::Shutdown => {
+                log::info!("vCPU {id}: triple fault, the guest resets");
+                ctx.events.send(VmEvent::Reset);
+                Next::Stop
+            }
+            VcpuExit::SystemEvent(kind, _) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                    ctx.events.send(VmEvent::PowerOff);
+                    Next::Stop
+                }
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    ctx.events.send(VmEvent::Reset);
+                    Next::Stop
+                }
+                other => fail(format!("system event {other}")),
+            },
+            VcpuExit::FailEntry(reason, cpu) => fail(format!(
+                "KVM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
+            )),
+            VcpuExit::InternalError => {
+                let r = vcpu.fd.get_kvm_run();
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so
+                // the `internal` member of the union is the one KVM wrote.
+                let suberror = unsafe { r.__bindgen_anon_1.internal.suberror };
+                fail(format!(
+                    "KVM internal error (suberror {suberror}, 1 = instruction emulation failure)"
+                ))
+            }
+            other => {
+                log::warn!("vCPU {id}: unexpected exit {other:?}");
+                Next::Continue
+            }
+        },
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            vcpu.fd.set_kvm_immediate_exit(0);
+            Next::Continue
+        }
+        Err(e) => fail(format!("KVM_RUN failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_sender_wakes_the_loop() {
+        let (tx, rx, wake) = EventSender::new().unwrap();
+        tx.send(VmEvent::Ejected(3));
+        tx.send(VmEvent::PowerOff);
+        assert_eq!(wake.read().unwrap(), 2);
+        assert_eq!(rx.try_recv().unwrap(), VmEvent::Ejected(3));
+        assert_eq!(rx.try_recv().unwrap(), VmEvent::PowerOff);
+    }
+}
