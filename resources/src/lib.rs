@@ -1,1 +1,125 @@
-//! Guest and test-host images (placeholder).
+//! Makes the images the VMM and its tests boot, from Debian packages and
+//! this workspace's own binaries, and caches them.
+//!
+//! - [`ensure_kernel`]: the stock Debian cloud kernel (`linux-image-cloud-amd64`
+//!   resolved to its versioned package with apt, unpacked with dpkg-deb),
+//!   its bzImage, the vmlinux ELF extracted from it for PVH boot, and its
+//!   modules (the KVM ones an emulated host loads).
+//! - [`build_static`]: a workspace binary built statically linked.
+//! - [`cpio::Archive`]: an initramfs writer (newc, optionally gzip).
+//! - [`ensure_guest_image`]: kernel + initramfs with the guest agent as
+//!   `/init` + the default command line.
+//!
+//! Everything lands in [`cache_dir`]. Each step writes atomically and
+//! records its inputs in a stamp, so a warm call only checks stamps (and
+//! lets cargo confirm the agent is up to date). Updates of one cache are
+//! serialised between processes with `flock`, so parallel tests may call
+//! these functions concurrently. All functions are blocking and
+//! single-threaded; nothing here needs root once apt's package lists exist.
+//!
+//! `cargo run -p resources --bin mkimage` builds the guest image and
+//! prints its paths.
+
+pub mod apt;
+pub mod bzimage;
+pub mod cache;
+pub mod cpio;
+pub mod elf;
+pub mod guest_image;
+pub mod kernel;
+pub mod static_build;
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+pub use guest_image::{default_cmdline, GuestImage, GuestImageError};
+pub use kernel::{Kernel, KernelError};
+pub use static_build::{workspace_root, BuildError};
+
+/// Environment variable that overrides the cache location.
+pub const CACHE_ENV: &str = "HOTPLUG_CACHE";
+
+/// Any failure of this crate's entry points.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The kernel could not be provided.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// A static binary did not build.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The guest image could not be assembled.
+    #[error(transparent)]
+    GuestImage(#[from] GuestImageError),
+}
+
+impl Error {
+    /// True if the failure is apt being unusable here (no apt, no package
+    /// lists, no network to the mirror) rather than a bug: tests that need
+    /// a kernel report such failures as a loud skip.
+    pub fn is_apt_unavailable(&self) -> bool {
+        let kernel = match self {
+            Error::Kernel(k) | Error::GuestImage(GuestImageError::Kernel(k)) => k,
+            _ => return false,
+        };
+        matches!(kernel, KernelError::Apt(_))
+    }
+}
+
+/// The cache directory: `$HOTPLUG_CACHE` if set, else `<workspace>/.cache`.
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os(CACHE_ENV) {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => workspace_root().join(".cache"),
+    }
+}
+
+/// The current stock kernel, fetched and unpacked into the cache if needed.
+pub fn ensure_kernel() -> Result<Kernel, Error> {
+    Ok(kernel::ensure_kernel_in(&cache_dir())?)
+}
+
+/// Builds workspace binary `bin` of `package` statically linked (release,
+/// `x86_64-unknown-linux-gnu`, `+crt-static`, target dir
+/// `<workspace>/target/static`) and returns its path.
+pub fn build_static(package: &str, bin: &str) -> Result<PathBuf, Error> {
+    Ok(static_build::build_static(package, bin)?)
+}
+
+/// The guest image with a gzip-compressed initramfs, built if needed.
+pub fn ensure_guest_image() -> Result<GuestImage, Error> {
+    ensure_guest_image_with(cpio::Compression::Gzip)
+}
+
+/// The guest image with the initramfs compressed as asked (uncompressed
+/// unpacks faster under emulation).
+pub fn ensure_guest_image_with(compression: cpio::Compression) -> Result<GuestImage, Error> {
+    Ok(guest_image::ensure_guest_image_in(
+        &cache_dir(),
+        compression,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_dir_defaults_to_workspace() {
+        // Only checks the default branch when the variable is unset, so the
+        // test does not race with others by mutating the environment.
+        if std::env::var_os(CACHE_ENV).is_none() {
+            assert_eq!(cache_dir(), workspace_root().join(".cache"));
+        }
+    }
+
+    #[test]
+    fn apt_failures_are_classified() {
+        let apt = Error::Kernel(KernelError::Apt(apt::AptError::ListsMissing));
+        assert!(apt.is_apt_unavailable());
+        assert!(apt.to_string().contains("cannot get the kernel package"));
+        let other = Error::Kernel(KernelError::CompressedModule("x".into()));
+        assert!(!other.is_apt_unavailable());
+    }
+}

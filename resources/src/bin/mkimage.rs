@@ -1,0 +1,109 @@
+//! `mkimage`: builds the guest image (kernel, agent initramfs, command
+//! line) into the cache and prints where it is.
+//!
+//! ```text
+//! cargo run -p resources --bin mkimage [-- --json] [--uncompressed]
+//! ```
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use resources::cpio::Compression;
+use resources::kernel::KVM_MODULES;
+
+const USAGE: &str = "usage: mkimage [--json] [--uncompressed]
+
+Builds the guest image (Debian cloud kernel, vmlinux, guest-agent initramfs)
+in the cache ($HOTPLUG_CACHE or <workspace>/.cache) and prints its paths.
+  --json          print one JSON object instead of text
+  --uncompressed  plain cpio initramfs instead of gzip";
+
+fn main() -> Result<()> {
+    let mut json = false;
+    let mut compression = Compression::Gzip;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--json" => json = true,
+            "--uncompressed" => compression = Compression::None,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    let start = Instant::now();
+    let image =
+        resources::ensure_guest_image_with(compression).context("building the guest image")?;
+    let elapsed = start.elapsed();
+    let k = &image.kernel;
+    let modules: Vec<(&str, String)> = KVM_MODULES
+        .iter()
+        .map(|m| {
+            (
+                *m,
+                k.module_path(m)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    if json {
+        let kvm_modules: serde_json::Map<String, serde_json::Value> = modules
+            .iter()
+            .map(|(name, path)| ((*name).to_owned(), path.clone().into()))
+            .collect();
+        let value = serde_json::json!({
+            "kernel": {
+                "version": k.version,
+                "package": k.package,
+                "bzimage": k.bzimage,
+                "vmlinux": k.vmlinux,
+                "modules": k.modules,
+                "pvh_entry": k.pvh_entry,
+                "kvm_modules": kvm_modules,
+            },
+            "initramfs": image.initramfs,
+            "initramfs_bytes": size(&image.initramfs),
+            "agent": image.agent,
+            "cmdline": image.cmdline,
+            "cache": resources::cache_dir(),
+            "seconds": elapsed.as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("kernel     {} ({})", k.version, k.package);
+        println!(
+            "bzimage    {} ({} bytes)",
+            k.bzimage.display(),
+            size(&k.bzimage)
+        );
+        println!(
+            "vmlinux    {} ({} bytes)",
+            k.vmlinux.display(),
+            size(&k.vmlinux)
+        );
+        match k.pvh_entry {
+            Some(e) => println!("pvh entry  {e:#x}"),
+            None => println!("pvh entry  none (the vmlinux has no XEN_ELFNOTE_PHYS32_ENTRY)"),
+        }
+        println!("modules    {}", k.modules.display());
+        for (name, path) in &modules {
+            println!("  {name:<10} {path}");
+        }
+        println!(
+            "agent      {} ({} bytes)",
+            image.agent.display(),
+            size(&image.agent)
+        );
+        println!(
+            "initramfs  {} ({} bytes)",
+            image.initramfs.display(),
+            size(&image.initramfs)
+        );
+        println!("cmdline    {}", image.cmdline);
+        println!("took       {:.2} s", elapsed.as_secs_f64());
+    }
+    Ok(())
+}
