@@ -1,1 +1,21 @@
-//! End-to-end harness (placeholder).
+//! End-to-end test harness: boots our VMM with a stock Linux guest, either
+//! directly on this machine's `/dev/kvm` or inside an *emulated KVM host*
+//! (QEMU TCG with nested SVM, `testhost-init` as its PID 1), and gives
+//! every test and the `launch` binary one API for it:
+//! [`VmSpec`] -> [`launch`] -> [`RunningVm`] (console, API socket, exit).
+//!
+//! Threads: every launched process has one console reader thread per
+//! output stream; the API forward has an accept thread, one link reader and
+//! two pumps per connection ([`mux`]). Tests run one VM at a time across
+//! processes: [`RunningVm`] holds a file lock for its life.
+
+pub mod console;
+pub mod emulated;
+pub mod error;
+pub mod host;
+pub mod inside;
+pub mod job;
+pub mod mux;
+pub mod sys;
+
+pub use error::{BoxError, Error, Result};

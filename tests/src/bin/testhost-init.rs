@@ -1,0 +1,250 @@
+//! `testhost-init`: PID 1 of the emulated KVM host.
+//!
+//! Mounts `/proc`, `/sys`, `/dev`; loads `irqbypass`, `kvm`, `kvm-amd`
+//! with `finit_module`; opens `/dev/kvm` and keeps one idle VM for its
+//! whole life (so the VMM's VM is never the last one torn down: avoids the
+//! soft lockup seen in `kvm_destroy_vm`); serves the API forward on
+//! `/dev/ttyS1`; runs the job of `/job.json` with its output on the
+//! console; prints `TESTHOST-EXIT status=N` and powers off. Any failure
+//! prints one `TESTHOST-ERROR` line and powers off too.
+//!
+//! Also runs as a job itself: `testhost-init kvm-selftest` and
+//! `testhost-init echo-server PATH`.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use e2e::job::{self, Job};
+use e2e::mux::Mux;
+use e2e::sys;
+
+/// How long a forwarded connection waits for the VMM's socket to appear.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("kvm-selftest") => match e2e::inside::selftest::run() {
+            Ok(report) => println!("{report}"),
+            Err(e) => {
+                eprintln!("kvm selftest failed: {}", chain(&e));
+                std::process::exit(1);
+            }
+        },
+        Some("echo-server") if args.len() == 3 => {
+            if let Err(e) = e2e::inside::echo::serve(Path::new(&args[2])) {
+                eprintln!("echo-server: {e}");
+                std::process::exit(1);
+            }
+        }
+        _ if std::process::id() == 1 => init(),
+        _ => {
+            eprintln!("usage: testhost-init (as PID 1) | kvm-selftest | echo-server PATH");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// PID 1: never returns.
+fn init() -> ! {
+    let outcome = std::panic::catch_unwind(run);
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => say(&format!("{} {e:#}", job::ERROR)),
+        Err(_) => say(&format!("{} panic in testhost-init", job::ERROR)),
+    }
+    let e = sys::power_off();
+    say(&format!("{} power off failed: {e}", job::ERROR));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// A console line, flushed at once.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|secs| Duration::from_secs_f64(secs).as_millis())
+        .and_then(|ms| u64::try_from(ms).ok())
+        .unwrap_or(0)
+}
+
+fn run() -> Result<()> {
+    mount_basics()?;
+    let init_ms = uptime_ms();
+    let job: Job = serde_json::from_slice(
+        &std::fs::read(job::JOB_PATH)
+            .with_context(|| format!("stage=job cannot read {}", job::JOB_PATH))?,
+    )
+    .context("stage=job bad job description")?;
+
+    let t = Instant::now();
+    for m in &job.modules {
+        let file =
+            File::open(&m.path).with_context(|| format!("stage=modules cannot open {}", m.path))?;
+        sys::finit_module(&file, &m.params)
+            .with_context(|| format!("stage=modules cannot load {}", m.path))?;
+    }
+    let modules_ms = t.elapsed().as_millis();
+
+    // Kept open until power-off: the VMM's VM is never the last one.
+    let kvm = kvm_ioctls::Kvm::new().context("stage=kvm cannot open /dev/kvm")?;
+    let _idle_vm = kvm
+        .create_vm()
+        .context("stage=kvm cannot create the idle VM")?;
+    let nested = std::fs::read_to_string("/sys/module/kvm_amd/parameters/nested")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+
+    let forward_tty = match &job.api_socket {
+        Some(path) => Some(start_forward(PathBuf::from(path))?),
+        None => None,
+    };
+    say(&format!(
+        "{} init_ms={init_ms} modules_ms={modules_ms} ready_ms={} kvm_api={} nested={nested}",
+        job::READY,
+        uptime_ms(),
+        kvm.get_api_version()
+    ));
+
+    let t = Instant::now();
+    let status = run_job(&job)?;
+    let line = match status.code() {
+        Some(code) => format!(
+            "{} status={code} run_ms={}",
+            job::EXIT,
+            t.elapsed().as_millis()
+        ),
+        None => {
+            let sig = status.signal().unwrap_or(0);
+            format!(
+                "{} status={} signal={sig} run_ms={}",
+                job::EXIT,
+                job::signal_status(sig),
+                t.elapsed().as_millis()
+            )
+        }
+    };
+    if let Some(tty) = &forward_tty {
+        let _ = sys::tcdrain(tty);
+    }
+    say(&line);
+    let _ = sys::tcdrain(&std::io::stdout());
+    Ok(())
+}
+
+fn mount_basics() -> Result<()> {
+    for (src, target, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+        ("tmpfs", "/run", "tmpfs"),
+        ("tmpfs", "/tmp", "tmpfs"),
+    ] {
+        std::fs::create_dir_all(target).with_context(|| format!("stage=mount mkdir {target}"))?;
+        sys::mount(src, target, fstype, libc::MS_NOSUID)
+            .with_context(|| format!("stage=mount {target}"))?;
+    }
+    // Without /dev/console in the initramfs the kernel gave us no stdio.
+    if std::fs::metadata("/proc/self/fd/1").is_err() {
+        let console = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/console")
+            .context("stage=mount open /dev/console")?;
+        sys::redirect_stdio(&console).context("stage=mount redirect stdio")?;
+    }
+    Ok(())
+}
+
+/// Opens the forward's serial port in raw mode and serves the connecting
+/// end of the multiplexer on it. Returns the tty for draining at exit.
+fn start_forward(api_socket: PathBuf) -> Result<File> {
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(job::FORWARD_TTY)
+        .with_context(|| format!("stage=forward cannot open {}", job::FORWARD_TTY))?;
+    sys::set_raw(&tty).context("stage=forward cannot set raw mode")?;
+    sys::set_blocking(&tty).context("stage=forward cannot clear O_NONBLOCK")?;
+    let reader = tty.try_clone().context("stage=forward clone tty")?;
+    let writer = tty.try_clone().context("stage=forward clone tty")?;
+    let connector = Box::new(move |_id: u32| connect_patiently(&api_socket));
+    let mux = Mux::connector(Box::new(reader), Box::new(writer), connector)
+        .context("stage=forward cannot send hello")?;
+    // The mux lives as long as its threads; keep a handle alive forever.
+    std::mem::forget(mux);
+    Ok(tty)
+}
+
+/// Connects to `path`, waiting for the VMM to create it.
+fn connect_patiently(path: &Path) -> std::io::Result<UnixStream> {
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Runs the job's program with the console as its output, bounded by the
+/// job's timeout.
+fn run_job(job: &Job) -> Result<ExitStatus> {
+    let Some((prog, args)) = job.argv.split_first() else {
+        bail!("stage=job empty argv");
+    };
+    let mut child = Command::new(prog)
+        .args(args)
+        .env("PATH", "/bin")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("stage=job cannot start {prog}"))?;
+    let deadline = Instant::now() + Duration::from_secs(job.timeout_secs);
+    loop {
+        if let Some(status) = child.try_wait().context("stage=job wait")? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "stage=job timeout: {prog} still running after {}s, killed",
+                job.timeout_secs
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

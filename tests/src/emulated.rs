@@ -1,0 +1,440 @@
+//! The emulated KVM host, seen from the harness: builds its initramfs,
+//! runs the outer QEMU (TCG, nested SVM), forwards the API socket over
+//! its second serial port, and reads `testhost-init`'s markers.
+//!
+//! The outer QEMU runs with `-no-reboot`, so a reset of the emulated host
+//! ends QEMU. Every step is bounded; a failure of the emulated host itself
+//! (reset before ready, soft lockup) is [`Error::HostFailed`], which
+//! [`crate::vm`] retries once.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::console::{Console, WaitError};
+use crate::error::{Error, IoContext, Result};
+use crate::job::{self, Job, Module};
+use crate::mux::{Forwarder, Mux};
+
+/// Bound on the emulated host's boot to `TESTHOST-READY` (measured: 2 to
+/// 3.5 s, much more when the machine's two cores are busy compiling).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on QEMU connecting the forward link socket after its start.
+const LINK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The emulated host's own files.
+#[derive(Debug, Clone)]
+pub struct HostImage {
+    /// The outer kernel (Debian bzImage).
+    pub kernel: PathBuf,
+    /// `irqbypass`, `kvm`, `kvm-amd` in load order: (host path, parameters).
+    pub modules: Vec<(PathBuf, String)>,
+    /// The static `testhost-init` binary.
+    pub init: PathBuf,
+}
+
+/// A file copied into the host initramfs.
+#[derive(Debug, Clone)]
+pub struct FileIn {
+    /// Path inside the emulated host.
+    pub inside: String,
+    /// Path on this machine.
+    pub host: PathBuf,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+/// What the emulated host runs.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    /// Files the program needs (binaries, guest kernel, guest initramfs).
+    pub files: Vec<FileIn>,
+    /// Program and arguments, with inside paths.
+    pub argv: Vec<String>,
+    /// Socket inside the emulated host that API channels connect to.
+    pub api_socket: Option<String>,
+    /// Bound on the program's run, enforced inside the emulated host.
+    pub timeout: Duration,
+}
+
+/// Sizing of the outer QEMU.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// The QEMU binary.
+    pub binary: PathBuf,
+    /// Memory, QEMU syntax (`3G`).
+    pub memory: String,
+    /// vCPUs of the emulated host.
+    pub cpus: u32,
+}
+
+impl QemuConfig {
+    /// The defaults of `environment.md`: 3 GiB, 2 vCPUs.
+    pub fn new(binary: PathBuf) -> Self {
+        QemuConfig {
+            binary,
+            memory: "3G".into(),
+            cpus: 2,
+        }
+    }
+}
+
+/// Figures of one boot of the emulated host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostTimings {
+    /// Harness launch to `TESTHOST-READY`.
+    pub to_ready: Duration,
+    /// The emulated host's uptime at `TESTHOST-READY` start of init.
+    pub init_at: Option<Duration>,
+    /// Time `testhost-init` took to load the modules.
+    pub modules: Option<Duration>,
+}
+
+/// Writes the host initramfs: `testhost-init` as `/init`, the modules, the
+/// payload's files and `/job.json`. Uncompressed: faster under emulation.
+pub fn write_initramfs(out: &Path, image: &HostImage, payload: &Payload) -> Result<()> {
+    let mut ar = resources::cpio::Archive::new();
+    for dir in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "bin",
+        "guest",
+        "lib/modules",
+    ] {
+        ar.dir(dir, 0o755);
+    }
+    ar.char_device("dev/console", 0o600, 5, 1);
+    ar.file_from_host("init", &image.init, 0o755)
+        .ctx(|| format!("cannot read {}", image.init.display()))?;
+    let mut modules = Vec::new();
+    for (path, params) in &image.modules {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let inside = format!("/lib/modules/{name}");
+        ar.file_from_host(&inside, path, 0o644)
+            .ctx(|| format!("cannot read {}", path.display()))?;
+        modules.push(Module {
+            path: inside,
+            params: params.clone(),
+        });
+    }
+    for f in &payload.files {
+        ar.file_from_host(&f.inside, &f.host, f.mode)
+            .ctx(|| format!("cannot read {}", f.host.display()))?;
+    }
+    let job = Job {
+        modules,
+        argv: payload.argv.clone(),
+        api_socket: payload.api_socket.clone(),
+        timeout_secs: payload.timeout.as_secs().max(1),
+    };
+    let json = serde_json::to_vec_pretty(&job)
+        .map_err(|e| Error::io("cannot encode the job", e.into()))?;
+    ar.bytes(job::JOB_PATH, json, 0o644);
+    let file = std::fs::File::create(out).ctx(|| format!("cannot create {}", out.display()))?;
+    ar.write_to(
+        std::io::BufWriter::new(file),
+        resources::cpio::Compression::None,
+    )
+    .ctx(|| format!("cannot write {}", out.display()))
+}
+
+/// The outer QEMU's command line.
+pub fn qemu_command(cfg: &QemuConfig, kernel: &Path, initrd: &Path, link: &Path) -> Command {
+    let mut cmd = Command::new(&cfg.binary);
+    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args(["-m", &cfg.memory, "-smp", &cfg.cpus.to_string()])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1 rdinit=/init"])
+        .args(["-serial", "stdio"])
+        .arg("-chardev")
+        .arg(format!("socket,id=fwd,path={}", link.display()))
+        .args(["-serial", "chardev:fwd"]);
+    cmd
+}
+
+/// A running emulated host.
+#[derive(Debug)]
+pub struct EmulatedHost {
+    qemu: Child,
+    console: Console,
+    mux: Mux,
+    link: UnixStream,
+    forwarder: Option<Forwarder>,
+    timings: HostTimings,
+}
+
+impl EmulatedHost {
+    /// Boots the emulated host once and waits for `TESTHOST-READY`.
+    /// `workdir` holds the initramfs and the link socket; `api_socket`, if
+    /// given, is served on this machine and forwarded inside.
+    pub fn boot(
+        cfg: &QemuConfig,
+        image: &HostImage,
+        payload: &Payload,
+        workdir: &Path,
+        api_socket: Option<&Path>,
+        console: Console,
+    ) -> Result<Self> {
+        let initrd = workdir.join("host-initramfs.cpio");
+        write_initramfs(&initrd, image, payload)?;
+        let link_path = workdir.join("ttyS1.sock");
+        let _ = std::fs::remove_file(&link_path);
+        let link_listener = UnixListener::bind(&link_path)
+            .ctx(|| format!("cannot bind {}", link_path.display()))?;
+        // Bind the user's socket before QEMU starts, so it exists on return.
+        let api_listener = match api_socket {
+            Some(p) => {
+                crate::mux::remove_stale_socket(p).ctx(|| format!("cannot use {}", p.display()))?;
+                Some((
+                    UnixListener::bind(p).ctx(|| format!("cannot bind {}", p.display()))?,
+                    p,
+                ))
+            }
+            None => None,
+        };
+        let mut cmd = qemu_command(cfg, &image.kernel, &initrd, &link_path);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        crate::sys::kill_with_parent(&mut cmd);
+        let mut qemu = cmd
+            .spawn()
+            .ctx(|| format!("cannot start {}", cfg.binary.display()))?;
+        if let Some(out) = qemu.stdout.take() {
+            console.attach(out, "");
+        }
+        if let Some(err) = qemu.stderr.take() {
+            console.attach(err, "qemu: ");
+        }
+        let link = match accept_link(&link_listener, &mut qemu) {
+            Ok(link) => link,
+            Err(e) => {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                return Err(e);
+            }
+        };
+        let reader = link
+            .try_clone()
+            .ctx(|| "cannot clone the link socket".into())?;
+        let writer = link
+            .try_clone()
+            .ctx(|| "cannot clone the link socket".into())?;
+        let mux = Mux::listener(Box::new(reader), Box::new(writer));
+        let forwarder = api_listener.map(|(l, p)| Forwarder::serve(l, p, mux.clone()));
+        let mut host = EmulatedHost {
+            qemu,
+            console,
+            mux,
+            link,
+            forwarder,
+            timings: HostTimings::default(),
+        };
+        host.wait_ready()?;
+        Ok(host)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let res = self.console.wait_for(
+            |l| {
+                l.starts_with(job::READY)
+                    || l.starts_with(job::ERROR)
+                    || job::host_failure(l).is_some()
+                    || l.contains("Kernel panic")
+            },
+            READY_TIMEOUT,
+        );
+        match res {
+            Ok(line) if line.starts_with(job::READY) => {
+                self.timings = HostTimings {
+                    to_ready: self.console.start().elapsed(),
+                    init_at: job::field(&line, "init_ms").and_then(parse_ms),
+                    modules: job::field(&line, "modules_ms").and_then(parse_ms),
+                };
+                Ok(())
+            }
+            Ok(line) if line.starts_with(job::ERROR) || line.contains("Kernel panic") => {
+                Err(Error::Testhost(line))
+            }
+            Ok(line) => Err(Error::HostFailed(format!("before ready: {line}"))),
+            Err(WaitError::Closed) => Err(self.classify_exit("before ready")),
+            Err(WaitError::Timeout(t)) => Err(Error::HostFailed(format!(
+                "no {} within {t:?} (hung boot)",
+                job::READY
+            ))),
+        }
+    }
+
+    /// The console (outer kernel, `testhost-init`, VMM and guest lines).
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    /// Figures of this boot.
+    pub fn timings(&self) -> HostTimings {
+        self.timings
+    }
+
+    /// The forward's multiplexer (for diagnostics).
+    pub fn mux(&self) -> &Mux {
+        &self.mux
+    }
+
+    /// The emulated host's own failure seen on its console, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.console
+            .lines()
+            .iter()
+            .find(|l| job::host_failure(&l.text).is_some())
+            .map(|l| l.text.clone())
+    }
+
+    /// Waits for QEMU to end and returns the job's exit status from
+    /// `TESTHOST-EXIT`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.qemu.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) => {}
+                Err(e) => return Err(Error::io("cannot wait for QEMU", e)),
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                if let Some(f) = self.failure() {
+                    return Err(Error::HostFailed(f));
+                }
+                return Err(Error::Timeout {
+                    what: format!("the emulated host to power off ({})", job::EXIT),
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.console.wait_closed(Duration::from_secs(5));
+        let lines = self.console.lines();
+        if let Some(status) = lines.iter().find_map(|l| job::parse_exit(&l.text)) {
+            return Ok(status);
+        }
+        Err(self.classify_exit("before TESTHOST-EXIT"))
+    }
+
+    /// Why QEMU ended without `TESTHOST-EXIT`.
+    fn classify_exit(&self, when: &str) -> Error {
+        let lines = self.console.lines();
+        if let Some(l) = lines.iter().find(|l| l.text.starts_with(job::ERROR)) {
+            return Error::Testhost(l.text.clone());
+        }
+        if let Some(l) = lines.iter().find(|l| l.text.contains("Kernel panic")) {
+            return Error::Testhost(l.text.clone());
+        }
+        if let Some(f) = self.failure() {
+            return Error::HostFailed(f);
+        }
+        Error::HostFailed(format!("QEMU exited {when}: the emulated host reset"))
+    }
+
+    /// Kills QEMU (idempotent).
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.qemu.try_wait() {
+            let _ = self.qemu.kill();
+        }
+        let _ = self.qemu.wait();
+        self.mux.close("emulated host stopped");
+        let _ = self.link.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The forwarded socket path on this machine, if any.
+    pub fn api_socket(&self) -> Option<&Path> {
+        self.forwarder.as_ref().map(Forwarder::path)
+    }
+}
+
+impl Drop for EmulatedHost {
+    fn drop(&mut self) {
+        self.kill();
+        self.forwarder.take();
+    }
+}
+
+fn parse_ms(v: &str) -> Option<Duration> {
+    v.parse::<u64>().ok().map(Duration::from_millis)
+}
+
+fn accept_link(listener: &UnixListener, qemu: &mut Child) -> Result<UnixStream> {
+    listener
+        .set_nonblocking(true)
+        .ctx(|| "cannot poll the link socket".into())?;
+    let deadline = Instant::now() + LINK_TIMEOUT;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .ctx(|| "cannot configure the link socket".into())?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(Error::io("cannot accept QEMU's link connection", e)),
+        }
+        if let Ok(Some(status)) = qemu.try_wait() {
+            return Err(Error::Exited(format!(
+                "QEMU to connect its serial link (QEMU exited: {status})"
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: "QEMU to connect its serial link".into(),
+                timeout: LINK_TIMEOUT,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A scratch directory removed on drop (kept with `E2E_KEEP=1`).
+#[derive(Debug)]
+pub struct WorkDir(PathBuf);
+
+impl WorkDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> Result<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("e2e-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
+        Ok(WorkDir(dir))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if std::env::var_os("E2E_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The harness's error type.
+
+use std::io;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::host::SelectError;
+
+/// Any error a scenario step can return (the harness's or a test's own).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result of the harness's operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A failure of the harness, the emulated host, the VMM or the guest.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// No host can run the VMM here.
+    #[error("cannot choose a host")]
+    Select(#[from] SelectError),
+    /// A file or process operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Building or fetching an artifact (kernel, binary, image) failed.
+    #[error("cannot prepare {what}")]
+    Artifact {
+        /// Which artifact.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: BoxError,
+    },
+    /// The emulated host itself failed (reset, soft lockup): retried once.
+    #[error("the emulated host failed: {0}")]
+    HostFailed(String),
+    /// `testhost-init` reported an error of its own.
+    #[error("testhost-init: {0}")]
+    Testhost(String),
+    /// A step did not finish in time.
+    #[error("timed out after {timeout:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// The VMM (or the emulated host) exited while something was awaited.
+    #[error("exited while waiting for {0}")]
+    Exited(String),
+    /// A scenario step failed.
+    #[error("scenario failed")]
+    Scenario(#[source] BoxError),
+}
+
+impl Error {
+    /// An I/O error with what was being done.
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// True when the emulated host itself failed: the one case retried.
+    pub fn is_host_failure(&self) -> bool {
+        matches!(self, Error::HostFailed(_))
+    }
+}
+
+/// Adds context to I/O results.
+pub(crate) trait IoContext<T> {
+    /// Wraps the error with what was being done.
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(what(), e))
+    }
+}
