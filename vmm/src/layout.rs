@@ -77,3 +77,7 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// KVM's identity map page, just below the TSS.
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// i8042 command/status port: writing 0xFE pulses the CPU reset line
+/// (Linux's fallback reboot after the FADT reset register).
+pub const I8042_COMMAND_PORT: u16 = 0x64;

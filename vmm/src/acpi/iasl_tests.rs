@@ -1,0 +1,1 @@
+//! Checks the tables with ACPICA's `iasl` (Debian package acpica-tools).
