@@ -1,0 +1,189 @@
+//! Agent options from the kernel command line (`/proc/cmdline`).
+//!
+//! Options are named `agent.*`: the kernel treats dotted parameters as
+//! module parameters and neither passes them to init as arguments nor as
+//! environment, so the agent reads them from `/proc/cmdline` itself.
+//!
+//! | option                 | effect                                              |
+//! |------------------------|-----------------------------------------------------|
+//! | `agent.poweroff=ready` | power off right after the ready line (boot tests)   |
+//! | `agent.quiet`          | print only the ready line, errors and the power-off |
+//! | `agent.autoonline=0`   | do not online hot-added (or present, offline) CPUs  |
+
+use std::fmt;
+
+/// When the agent powers the guest off by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerOffWhen {
+    /// Right after printing the ready line.
+    Ready,
+}
+
+/// The agent's options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// `agent.poweroff=`.
+    pub poweroff: Option<PowerOffWhen>,
+    /// `agent.quiet`.
+    pub quiet: bool,
+    /// `agent.autoonline=` (default on).
+    pub autoonline: bool,
+    /// `agent.*` parameters that were not understood, verbatim.
+    pub unknown: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            poweroff: None,
+            quiet: false,
+            autoonline: true,
+            unknown: Vec::new(),
+        }
+    }
+}
+
+/// Splits a command line into parameters like the kernel does: on
+/// whitespace, except inside double quotes (which are removed).
+pub fn split(cmdline: &str) -> Vec<String> {
+    let mut params = Vec::new();
+    let mut current = String::new();
+    let mut in_quotes = false;
+    let mut started = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                in_quotes = !in_quotes;
+                started = true;
+            }
+            c if c.is_whitespace() && !in_quotes => {
+                if started {
+                    params.push(std::mem::take(&mut current));
+                    started = false;
+                }
+            }
+            c => {
+                current.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        params.push(current);
+    }
+    params
+}
+
+fn parse_bool(value: Option<&str>) -> Option<bool> {
+    match value {
+        None | Some("1" | "y" | "yes" | "on" | "true") => Some(true),
+        Some("0" | "n" | "no" | "off" | "false") => Some(false),
+        Some(_) => None,
+    }
+}
+
+impl Options {
+    /// Parses the agent's options out of a full kernel command line.
+    /// Parameters after `--` belong to init's argv and are ignored here.
+    pub fn parse(cmdline: &str) -> Self {
+        let mut opts = Self::default();
+        for param in split(cmdline) {
+            if param == "--" {
+                break;
+            }
+            let Some(option) = param.strip_prefix("agent.") else {
+                continue;
+            };
+            let (key, value) = match option.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (option, None),
+            };
+            let understood = match key {
+                "poweroff" => match value {
+                    Some("ready") => {
+                        opts.poweroff = Some(PowerOffWhen::Ready);
+                        true
+                    }
+                    Some("never") => {
+                        opts.poweroff = None;
+                        true
+                    }
+                    _ => false,
+                },
+                "quiet" => parse_bool(value).map(|b| opts.quiet = b).is_some(),
+                "autoonline" => parse_bool(value).map(|b| opts.autoonline = b).is_some(),
+                _ => false,
+            };
+            if !understood {
+                opts.unknown.push(param.clone());
+            }
+        }
+        opts
+    }
+
+    /// Reads and parses `/proc/cmdline`.
+    pub fn from_proc() -> std::io::Result<Self> {
+        Ok(Self::parse(&std::fs::read_to_string("/proc/cmdline")?))
+    }
+}
+
+impl fmt::Display for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let poweroff = match self.poweroff {
+            Some(PowerOffWhen::Ready) => "ready",
+            None => "never",
+        };
+        write!(
+            f,
+            "poweroff={poweroff} quiet={} autoonline={}",
+            u8::from(self.quiet),
+            u8::from(self.autoonline)
+        )?;
+        if !self.unknown.is_empty() {
+            write!(f, " unknown={}", self.unknown.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_like_the_kernel() {
+        assert_eq!(split("  a b=\"c d\"  e\n"), ["a", "b=c d", "e"]);
+        assert_eq!(split("x=\"\""), ["x="]);
+        assert!(split("   ").is_empty());
+        assert_eq!(split("\"unterminated quote"), ["unterminated quote"]);
+    }
+
+    #[test]
+    fn defaults_without_agent_options() {
+        let o = Options::parse("BOOT_IMAGE=/vmlinuz root=/dev/sda1 quiet console=ttyS0");
+        assert_eq!(o, Options::default());
+        assert!(o.autoonline);
+        assert_eq!(o.to_string(), "poweroff=never quiet=0 autoonline=1");
+    }
+
+    #[test]
+    fn parses_agent_options() {
+        let o = Options::parse(
+            "console=ttyS0 quiet agent.poweroff=ready agent.quiet agent.autoonline=0 agent.bogus=1 agent.quiet=maybe",
+        );
+        assert_eq!(o.poweroff, Some(PowerOffWhen::Ready));
+        assert!(o.quiet);
+        assert!(!o.autoonline);
+        assert_eq!(o.unknown, ["agent.bogus=1", "agent.quiet=maybe"]);
+        assert!(o
+            .to_string()
+            .ends_with("unknown=agent.bogus=1,agent.quiet=maybe"));
+    }
+
+    #[test]
+    fn stops_at_init_arguments() {
+        let o = Options::parse("agent.quiet -- agent.poweroff=ready");
+        assert!(o.quiet);
+        assert_eq!(o.poweroff, None);
+    }
+}
