@@ -28,65 +28,16 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_mp_state, CpuId, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::BootEntry;
 use crate::bus::Bus;
+use crate::events::{EventSender, VmEvent};
 use crate::memory::GuestMemoryMmap;
 use crate::x86::{msrs, regs};
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of KVM_RUN.
 pub const KICK_SIGNAL_OFFSET: c_int = 0;
-
-/// Events a vCPU thread reports to the VMM thread.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VmEvent {
-    /// The guest powered off.
-    PowerOff,
-    /// The guest asked for a reset (reboot, triple fault).
-    Reset,
-    /// A vCPU cannot continue.
-    Failed {
-        /// Which vCPU.
-        vcpu: u32,
-        /// What happened.
-        reason: String,
-    },
-    /// The guest ejected a vCPU through ACPI (`_EJ0`).
-    Ejected(u32),
-}
-
-/// The sending side of the VMM thread's event queue: a channel plus an
-/// eventfd that wakes the event loop.
-#[derive(Clone, Debug)]
-pub struct EventSender {
-    tx: Sender<VmEvent>,
-    wake: Arc<EventFd>,
-}
-
-impl EventSender {
-    /// A queue; the receiver is drained after `wake` becomes readable.
-    pub fn new() -> std::io::Result<(Self, Receiver<VmEvent>, Arc<EventFd>)> {
-        let (tx, rx) = mpsc::channel();
-        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        Ok((
-            Self {
-                tx,
-                wake: wake.clone(),
-            },
-            rx,
-            wake,
-        ))
-    }
-
-    /// Sends an event and wakes the event loop. Never blocks.
-    pub fn send(&self, event: VmEvent) {
-        if self.tx.send(event).is_ok() {
-            let _ = self.wake.write(1);
-        }
-    }
-}
 
 /// Errors of vCPU set-up and control.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +94,11 @@ impl Vcpu {
         self.id
     }
 
+    /// The KVM vCPU fd, for state inspection (tests, diagnostics).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     fn cfg<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
         r.map_err(|source| VcpuError::Configure {
             id: self.id,
@@ -162,7 +118,11 @@ impl Vcpu {
     }
 
     /// Makes this the boot vCPU entering the kernel at `entry`.
-    pub fn configure_boot(&self, mem: &GuestMemoryMmap, entry: &BootEntry) -> Result<(), VcpuError> {
+    pub fn configure_boot(
+        &self,
+        mem: &GuestMemoryMmap,
+        entry: &BootEntry,
+    ) -> Result<(), VcpuError> {
         let sregs = self.cfg("special registers", self.fd.get_sregs())?;
         let sregs = regs::boot_sregs(mem, entry.mode, sregs).map_err(VcpuError::Boot)?;
         self.cfg("special registers", self.fd.set_sregs(&sregs))?;
@@ -437,20 +397,5 @@ fn run_once(vcpu: &mut Vcpu, ctx: &VcpuContext) -> Next {
             Next::Continue
         }
         Err(e) => fail(format!("KVM_RUN failed: {e}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn event_sender_wakes_the_loop() {
-        let (tx, rx, wake) = EventSender::new().unwrap();
-        tx.send(VmEvent::Ejected(3));
-        tx.send(VmEvent::PowerOff);
-        assert_eq!(wake.read().unwrap(), 2);
-        assert_eq!(rx.try_recv().unwrap(), VmEvent::Ejected(3));
-        assert_eq!(rx.try_recv().unwrap(), VmEvent::PowerOff);
     }
 }

@@ -1,0 +1,216 @@
+//! The VMM thread: one epoll loop (event-manager) that reacts to vCPU and
+//! device events, answers control requests from the API thread, and ends
+//! when the guest powers off, resets or fails, or the VMM is signalled.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VmConfig;
+use crate::cpu_manager::CpuManager;
+use crate::events::{EventSender, VmEvent};
+use crate::vcpu::VcpuContext;
+use crate::vm::{Vm, VmError};
+
+/// Why the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (exit status 0).
+    PowerOff,
+    /// The guest reset or rebooted (exit status 2: the VMM does not reboot).
+    Reset,
+    /// A vCPU failed (exit status 3).
+    GuestFailed(String),
+    /// SIGINT or SIGTERM (exit status 130 / 143 style, reported as 4).
+    Signalled,
+}
+
+impl ExitReason {
+    /// The VMM's process exit status for this reason.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::PowerOff => 0,
+            Self::Reset => 2,
+            Self::GuestFailed(_) => 3,
+            Self::Signalled => 4,
+        }
+    }
+}
+
+/// Errors of the VMM run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Building the VM failed.
+    #[error("cannot build the VM")]
+    Vm(#[from] VmError),
+    /// Starting the boot vCPUs failed.
+    #[error("cannot start the boot vCPUs")]
+    Cpus(#[from] crate::cpu_manager::CpuError),
+    /// The event loop failed.
+    #[error("event loop: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// Creating an eventfd or the event queue failed.
+    #[error("cannot create the VMM's event queue")]
+    Io(#[from] std::io::Error),
+}
+
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    let fd = SIGNAL_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a live
+        // local of the right size and the fd an eventfd kept open for
+        // the life of the process.
+        let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+fn install_terminate_handler(evt: &EventFd) {
+    SIGNAL_FD.store(evt.as_raw_fd(), Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only performs an async-signal-safe write.
+        unsafe {
+            libc::signal(sig, on_terminate as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// The state the event loop works on.
+pub struct Vmm {
+    vm: Vm,
+    cpus: CpuManager,
+    events: Receiver<VmEvent>,
+    events_wake: Arc<EventFd>,
+    terminate: EventFd,
+    exit: Option<ExitReason>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("exit", &self.exit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    /// Builds the VM of `cfg` and starts its boot vCPUs.
+    pub fn start(cfg: &VmConfig) -> Result<Self, RunError> {
+        let (sender, events, events_wake) = EventSender::new()?;
+        let vm = Vm::create(cfg, &sender)?;
+        let ctx = VcpuContext {
+            pio: vm.devices.pio.clone(),
+            mmio: vm.devices.mmio.clone(),
+            events: sender,
+        };
+        let mut cpus = CpuManager::new(
+            vm.fd.clone(),
+            vm.supported_cpuid.clone(),
+            cfg.cpus.max,
+            ctx,
+            vm.devices.hotplug.clone(),
+            vm.devices.ged.clone(),
+        );
+        cpus.boot(cfg.cpus.boot, &vm.mem, &vm.boot_entry)?;
+        log::info!(
+            "VM started: {} of {} vCPUs, {} MiB",
+            cfg.cpus.boot,
+            cfg.cpus.max,
+            cfg.memory >> 20
+        );
+        let terminate = EventFd::new(libc::EFD_NONBLOCK)?;
+        install_terminate_handler(&terminate);
+        Ok(Self {
+            vm,
+            cpus,
+            events,
+            events_wake,
+            terminate,
+            exit: None,
+        })
+    }
+
+    fn handle_event(&mut self, event: VmEvent) {
+        match event {
+            VmEvent::PowerOff => self.finish(ExitReason::PowerOff),
+            VmEvent::Reset => self.finish(ExitReason::Reset),
+            VmEvent::Failed { vcpu, reason } => {
+                log::error!("vCPU {vcpu} failed: {reason}");
+                self.finish(ExitReason::GuestFailed(format!("vCPU {vcpu}: {reason}")));
+            }
+            VmEvent::Ejected(id) => {
+                if let Err(e) = self.cpus.on_ejected(id) {
+                    log::error!("vCPU {id}: removal failed: {e}");
+                }
+            }
+            VmEvent::InsertAcked(id) => {
+                log::debug!("vCPU {id}: guest acknowledged the insertion");
+            }
+        }
+    }
+
+    fn finish(&mut self, reason: ExitReason) {
+        if self.exit.is_none() {
+            log::info!("VM ends: {reason:?}");
+            self.exit = Some(reason);
+        }
+    }
+
+    /// Runs the event loop until the VM ends; stops every vCPU.
+    pub fn run(self) -> Result<ExitReason, RunError> {
+        let vmm = Arc::new(Mutex::new(self));
+        let mut manager: EventManager<Arc<Mutex<Vmm>>> =
+            EventManager::new().map_err(RunError::EventLoop)?;
+        manager.add_subscriber(vmm.clone());
+        loop {
+            if let Some(reason) = crate::bus::lock(&vmm).exit.clone() {
+                let mut v = crate::bus::lock(&vmm);
+                let stuck = v.cpus.shutdown();
+                if !stuck.is_empty() {
+                    log::warn!("vCPUs {stuck:?} did not stop in time");
+                }
+                v.vm.devices.flush_console();
+                return Ok(reason);
+            }
+            manager.run().map_err(RunError::EventLoop)?;
+        }
+    }
+}
+
+const TAG_EVENTS: u32 = 1;
+const TAG_TERMINATE: u32 = 2;
+
+impl MutEventSubscriber for Vmm {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            TAG_EVENTS => {
+                let _ = self.events_wake.read();
+                while let Ok(event) = self.events.try_recv() {
+                    self.handle_event(event);
+                }
+            }
+            TAG_TERMINATE => {
+                let _ = self.terminate.read();
+                self.finish(ExitReason::Signalled);
+            }
+            _ => {}
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, tag) in [
+            (self.events_wake.as_raw_fd(), TAG_EVENTS),
+            (self.terminate.as_raw_fd(), TAG_TERMINATE),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, tag, EventSet::IN)) {
+                log::error!("cannot watch fd {fd}: {e:?}");
+            }
+        }
+    }
+}

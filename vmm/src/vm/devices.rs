@@ -1,0 +1,226 @@
+//! The VM's devices, wired: which model sits where on which bus, which
+//! interrupt it raises, and where its actions go.
+//!
+//! The models (in `crate::devices`) do no I/O; the thin adapters here turn
+//! their results into irqfd writes and events for the VMM thread.
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::{lock, Bus, BusError};
+use crate::config::SerialOutput;
+use crate::devices::cpu_hotplug::{CpuHotplugController, HotplugAction, STATUS_OFFSET};
+use crate::devices::ged::{Ged, EVENT_CPU_HOTPLUG};
+use crate::devices::power::{AcpiPowerDevice, I8042Reset, PowerAction, PowerRegisters};
+use crate::devices::serial::SerialDevice;
+use crate::devices::BusDevice;
+use crate::events::{EventSender, VmEvent};
+use crate::layout;
+
+/// Errors wiring devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesError {
+    /// Creating an eventfd failed.
+    #[error("cannot create an interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// KVM refused an irqfd.
+    #[error("cannot route GSI {0} through an irqfd")]
+    Irqfd(u32, #[source] kvm_ioctls::Error),
+    /// Two devices overlap.
+    #[error("cannot place a device on the bus")]
+    Bus(#[from] BusError),
+    /// The serial output file cannot be created.
+    #[error("cannot open the serial output file")]
+    SerialFile(#[source] std::io::Error),
+}
+
+/// A power-register model on the bus; its actions become VM events.
+struct PowerAdapter<D> {
+    model: D,
+    events: EventSender,
+}
+
+impl<D: PowerRegisters + Send> BusDevice for PowerAdapter<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.model.read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match self.model.write(offset, data) {
+            Some(PowerAction::PowerOff) => self.events.send(VmEvent::PowerOff),
+            Some(PowerAction::Reset) => self.events.send(VmEvent::Reset),
+            None => {}
+        }
+    }
+}
+
+/// The CPU hotplug register block on the bus: ejects and insert
+/// acknowledgements become VM events for the vCPU manager.
+#[derive(Debug)]
+pub struct HotplugAdapter {
+    /// The register model; the vCPU manager drives it through this lock.
+    pub controller: CpuHotplugController,
+    events: EventSender,
+}
+
+impl BusDevice for HotplugAdapter {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.controller.read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let selected = self.controller.selector();
+        let was_inserting =
+            offset == STATUS_OFFSET && self.controller.slot(selected).is_some_and(|s| s.inserting);
+        if let Some(HotplugAction::Eject(id)) = self.controller.write(offset, data) {
+            self.events.send(VmEvent::Ejected(id));
+        }
+        if was_inserting && self.controller.slot(selected).is_some_and(|s| !s.inserting) {
+            self.events.send(VmEvent::InsertAcked(selected));
+        }
+    }
+}
+
+/// The Generic Event Device with its interrupt.
+#[derive(Debug)]
+pub struct GedAdapter {
+    model: Ged,
+    irq: EventFd,
+    /// Interrupts that could not be raised.
+    pub irq_errors: u64,
+}
+
+impl GedAdapter {
+    /// Records a CPU hotplug event and raises the GED interrupt.
+    pub fn notify_cpu_change(&mut self) {
+        if self.model.notify(EVENT_CPU_HOTPLUG) && self.irq.write(1).is_err() {
+            self.irq_errors += 1;
+        }
+    }
+
+    /// The model (for its counters).
+    pub fn model(&self) -> &Ged {
+        &self.model
+    }
+}
+
+impl BusDevice for GedAdapter {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.model.read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.model.write(offset, data);
+    }
+}
+
+/// Console sink.
+type ConsoleOut = Box<dyn Write + Send>;
+
+/// All devices, placed on their buses.
+pub struct Devices {
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// The CPU hotplug register block.
+    pub hotplug: Arc<Mutex<HotplugAdapter>>,
+    /// The GED.
+    pub ged: Arc<Mutex<GedAdapter>>,
+    /// The console UART (COM1).
+    pub console: Arc<Mutex<SerialDevice<ConsoleOut>>>,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices")
+            .field("pio", &self.pio)
+            .field("mmio", &self.mmio)
+            .finish_non_exhaustive()
+    }
+}
+
+fn irq_eventfd(vm: &VmFd, gsi: u32) -> Result<EventFd, DevicesError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DevicesError::EventFd)?;
+    vm.register_irqfd(&evt, gsi)
+        .map_err(|e| DevicesError::Irqfd(gsi, e))?;
+    Ok(evt)
+}
+
+fn console_output(serial: &SerialOutput) -> Result<ConsoleOut, DevicesError> {
+    Ok(match serial {
+        SerialOutput::Stdout => Box::new(LineWriter::new(std::io::stdout())),
+        SerialOutput::File(p) => Box::new(LineWriter::new(
+            File::create(p).map_err(DevicesError::SerialFile)?,
+        )),
+        SerialOutput::Off => Box::new(std::io::sink()),
+    })
+}
+
+impl Devices {
+    /// Creates every device, routes its interrupt and places it on a bus.
+    pub fn new(
+        vm: &VmFd,
+        max_vcpus: u32,
+        serial: &SerialOutput,
+        events: &EventSender,
+    ) -> Result<Self, DevicesError> {
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+
+        let console = Arc::new(Mutex::new(SerialDevice::new(
+            irq_eventfd(vm, layout::COM1_GSI)?,
+            console_output(serial)?,
+        )));
+        pio.insert(u64::from(layout::COM1_PORT), 8, console.clone())?;
+
+        let power = Arc::new(Mutex::new(PowerAdapter {
+            model: AcpiPowerDevice::new(),
+            events: events.clone(),
+        }));
+        pio.insert(
+            u64::from(crate::devices::power::POWER_PORT_BASE),
+            u64::from(crate::devices::power::POWER_PORT_LEN),
+            power,
+        )?;
+        let i8042 = Arc::new(Mutex::new(PowerAdapter {
+            model: I8042Reset::new(),
+            events: events.clone(),
+        }));
+        pio.insert(0x64, 1, i8042)?;
+
+        let hotplug = Arc::new(Mutex::new(HotplugAdapter {
+            controller: CpuHotplugController::new(max_vcpus),
+            events: events.clone(),
+        }));
+        mmio.insert(
+            layout::CPU_HOTPLUG_MMIO_BASE,
+            layout::CPU_HOTPLUG_MMIO_SIZE,
+            hotplug.clone(),
+        )?;
+
+        let ged = Arc::new(Mutex::new(GedAdapter {
+            model: Ged::new(),
+            irq: irq_eventfd(vm, layout::GED_GSI)?,
+            irq_errors: 0,
+        }));
+        mmio.insert(layout::GED_MMIO_BASE, layout::GED_MMIO_SIZE, ged.clone())?;
+
+        Ok(Self {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            hotplug,
+            ged,
+            console,
+        })
+    }
+
+    /// Flushes console output still buffered.
+    pub fn flush_console(&self) {
+        let _ = lock(&self.console).output_mut().flush();
+    }
+}
