@@ -9,6 +9,7 @@
 //! two pumps per connection ([`mux`]). Tests run one VM at a time across
 //! processes: [`RunningVm`] holds a file lock for its life.
 
+pub mod artifacts;
 pub mod console;
 pub mod emulated;
 pub mod error;
@@ -17,5 +18,9 @@ pub mod inside;
 pub mod job;
 pub mod mux;
 pub mod sys;
+pub mod vm;
 
+pub use console::Echo;
 pub use error::{BoxError, Error, Result};
+pub use host::HostKind;
+pub use vm::{launch, launch_host_job, run, HostJob, Matcher, RunningVm, VmSpec};

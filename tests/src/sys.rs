@@ -91,8 +91,9 @@ pub fn set_raw(tty: &impl AsFd) -> io::Result<()> {
     t.c_cflag &= !libc::CRTSCTS;
     t.c_cc[libc::VMIN] = 1;
     t.c_cc[libc::VTIME] = 0;
-    // SAFETY: t is a valid termios.
-    check(unsafe { libc::cfsetspeed(&mut t, libc::B115200) })?;
+    // Speed bits set directly: the libc crate binds cfset*speed to
+    // versioned glibc symbols that a static link cannot resolve.
+    t.c_cflag = (t.c_cflag & !libc::CBAUD) | libc::B115200;
     // SAFETY: fd is valid and t a valid termios to read.
     check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) })
 }

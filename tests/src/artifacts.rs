@@ -1,0 +1,91 @@
+//! The files a launch needs, from the `resources` crate: the Debian kernel
+//! and its KVM modules (the emulated host), `testhost-init` and `vmm`
+//! built static, and the guest image. Results are memoised per process.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use crate::emulated::HostImage;
+use crate::error::{Error, Result};
+
+/// Module parameters of `kvm-amd` in the emulated host (nested is the
+/// default; stated so that it is visible in the job description).
+pub const KVM_AMD_PARAMS: &str = "nested=1";
+
+/// The guest's files.
+#[derive(Debug, Clone)]
+pub struct GuestFiles {
+    /// Kernel image handed to `--kernel`.
+    pub kernel: PathBuf,
+    /// Initramfs (uncompressed: faster under emulation).
+    pub initramfs: PathBuf,
+    /// Default command line of the image.
+    pub cmdline: String,
+}
+
+fn memo<T: Clone>(cell: &Mutex<Option<T>>, make: impl FnOnce() -> Result<T>) -> Result<T> {
+    let mut slot = cell.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = slot.as_ref() {
+        return Ok(v.clone());
+    }
+    let v = make()?;
+    *slot = Some(v.clone());
+    Ok(v)
+}
+
+fn artifact(what: &'static str) -> impl FnOnce(resources::Error) -> Error {
+    move |e| Error::Artifact {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// The emulated host's kernel, modules and init.
+pub fn host_image() -> Result<HostImage> {
+    static CELL: Mutex<Option<HostImage>> = Mutex::new(None);
+    memo(&CELL, || {
+        let kernel = resources::ensure_kernel().map_err(artifact("the Debian kernel"))?;
+        let mut modules = Vec::new();
+        for name in resources::kernel::KVM_MODULES {
+            let path = kernel.module_path(name).ok_or_else(|| Error::Artifact {
+                what: "the KVM modules",
+                source: format!("{name}.ko not found under {}", kernel.modules.display()).into(),
+            })?;
+            let params = if name == "kvm-amd" {
+                KVM_AMD_PARAMS
+            } else {
+                ""
+            };
+            modules.push((path, params.to_string()));
+        }
+        let init =
+            resources::build_static("e2e", "testhost-init").map_err(artifact("testhost-init"))?;
+        Ok(HostImage {
+            kernel: kernel.bzimage,
+            modules,
+            init,
+        })
+    })
+}
+
+/// The guest image (kernel, uncompressed initramfs, command line).
+pub fn guest_image() -> Result<GuestFiles> {
+    static CELL: Mutex<Option<GuestFiles>> = Mutex::new(None);
+    memo(&CELL, || {
+        let img = resources::ensure_guest_image_with(resources::cpio::Compression::None)
+            .map_err(artifact("the guest image"))?;
+        Ok(GuestFiles {
+            kernel: img.kernel.bzimage,
+            initramfs: img.initramfs,
+            cmdline: img.cmdline,
+        })
+    })
+}
+
+/// The `vmm` binary, static (runs inside the emulated host and directly).
+pub fn vmm_binary() -> Result<PathBuf> {
+    static CELL: Mutex<Option<PathBuf>> = Mutex::new(None);
+    memo(&CELL, || {
+        resources::build_static("vmm", "vmm").map_err(artifact("the vmm binary"))
+    })
+}

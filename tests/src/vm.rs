@@ -1,0 +1,544 @@
+//! The one way every end-to-end test and the `launch` binary start a VM:
+//! [`VmSpec`] -> [`launch`] -> [`RunningVm`].
+//!
+//! [`launch`] picks the host ([`crate::host`]), prepares the artifacts
+//! (guest image, static `vmm`, `testhost-init`), and starts the VMM
+//! directly or inside the emulated host. A failed boot of the emulated
+//! host itself is retried once (noted in the console log); failures of our
+//! VMM or guest never are. [`run`] does the same for a whole scenario.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::artifacts;
+use crate::console::{Console, Echo, WaitError};
+use crate::emulated::{EmulatedHost, FileIn, HostTimings, Payload, QemuConfig, WorkDir};
+use crate::error::{BoxError, Error, IoContext, Result};
+use crate::host::{self, HostKind};
+
+/// Lock file serialising VMs across test processes (2 cores: one at a time).
+const LOCK_PATH: &str = "/tmp/e2e-host.lock";
+/// The VMM's API socket inside the emulated host.
+const INSIDE_API_SOCKET: &str = "/run/vmm.sock";
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// vCPUs online at boot.
+    pub boot_vcpus: u32,
+    /// Hotplug ceiling.
+    pub max_vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Appended to the guest image's command line.
+    pub extra_cmdline: Vec<String>,
+    /// API socket path on this machine; default: in the run's work dir.
+    pub api_socket: Option<PathBuf>,
+    /// Force a host kind; default: [`host::select`] (honours `E2E_HOST`).
+    pub host: Option<HostKind>,
+    /// Bound on the whole run (the VMM is killed after it).
+    pub timeout: Duration,
+    /// Where console lines are echoed as they arrive.
+    pub echo: Echo,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        VmSpec {
+            boot_vcpus: 1,
+            max_vcpus: 1,
+            memory_mib: 256,
+            extra_cmdline: Vec::new(),
+            api_socket: None,
+            host: None,
+            timeout: Duration::from_secs(300),
+            echo: default_echo(),
+        }
+    }
+}
+
+impl VmSpec {
+    /// `boot` vCPUs online at boot, up to `max`.
+    pub fn new(boot_vcpus: u32, max_vcpus: u32) -> Self {
+        VmSpec {
+            boot_vcpus,
+            max_vcpus,
+            ..Self::default()
+        }
+    }
+
+    /// Adds guest command line parameters.
+    pub fn cmdline(mut self, params: &str) -> Self {
+        self.extra_cmdline
+            .extend(params.split_whitespace().map(str::to_string));
+        self
+    }
+
+    /// The VMM's arguments after the binary, with the given paths.
+    pub fn vmm_args(&self, kernel: &str, initramfs: &str, cmdline: &str, api: &str) -> Vec<String> {
+        let mut cmdline = cmdline.to_string();
+        for p in &self.extra_cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(p);
+        }
+        [
+            "--kernel",
+            kernel,
+            "--initramfs",
+            initramfs,
+            "--cmdline",
+            &cmdline,
+            "--cpus",
+            &format!("boot={},max={}", self.boot_vcpus, self.max_vcpus),
+            "--memory",
+            &format!("{}M", self.memory_mib),
+            "--api-socket",
+            api,
+            "--serial",
+            "stdout",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// `E2E_ECHO=1` echoes consoles to stderr live.
+pub fn default_echo() -> Echo {
+    match std::env::var("E2E_ECHO").as_deref() {
+        Ok("1") | Ok("true") => Echo::Stderr,
+        _ => Echo::Off,
+    }
+}
+
+/// A job for the emulated host that needs no VMM (proves the host works).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostJob {
+    /// `testhost-init kvm-selftest`: a VM and a vCPU run real-mode code.
+    KvmSelftest,
+    /// `testhost-init echo-server`: an echo server behind the API socket.
+    EchoServer,
+}
+
+enum Backend {
+    Direct(Child),
+    Emulated(EmulatedHost),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Direct(c) => write!(f, "Direct(pid {})", c.id()),
+            Backend::Emulated(h) => h.fmt(f),
+        }
+    }
+}
+
+/// A launched VM (or host job). Dropping it kills everything it started.
+#[derive(Debug)]
+pub struct RunningVm {
+    kind: HostKind,
+    backend: Backend,
+    console: Console,
+    api_socket: PathBuf,
+    retried: Option<String>,
+    _workdir: WorkDir,
+    _lock: File,
+}
+
+/// Everything needed to start one attempt.
+#[derive(Debug, Clone)]
+struct Plan {
+    kind: HostKind,
+    /// Direct: full argv on this machine.
+    direct_argv: Vec<String>,
+    /// Emulated: the payload and QEMU.
+    payload: Option<(Payload, QemuConfig, crate::emulated::HostImage)>,
+    api_socket: Option<PathBuf>,
+    echo: Echo,
+}
+
+/// Launches the VMM as `spec` says; retries a failed emulated-host boot once.
+pub fn launch(spec: &VmSpec) -> Result<RunningVm> {
+    let plan = plan_vm(spec)?;
+    launch_plan(&plan)
+}
+
+/// Boots the emulated host with a job that needs no VMM.
+pub fn launch_host_job(
+    job: HostJob,
+    api_socket: Option<PathBuf>,
+    timeout: Duration,
+) -> Result<RunningVm> {
+    let (image, qemu) = emulated_host()?;
+    let argv = match job {
+        HostJob::KvmSelftest => vec!["/init".to_string(), "kvm-selftest".to_string()],
+        HostJob::EchoServer => vec![
+            "/init".to_string(),
+            "echo-server".to_string(),
+            INSIDE_API_SOCKET.to_string(),
+        ],
+    };
+    let payload = Payload {
+        files: Vec::new(),
+        argv,
+        api_socket: (job == HostJob::EchoServer).then(|| INSIDE_API_SOCKET.to_string()),
+        timeout,
+    };
+    launch_plan(&Plan {
+        kind: HostKind::Emulated,
+        direct_argv: Vec::new(),
+        payload: Some((payload, qemu, image)),
+        api_socket,
+        echo: default_echo(),
+    })
+}
+
+/// Launches `spec`, runs `scenario` on it, and retries the whole once if
+/// the emulated host itself failed. On failure the console log goes to
+/// stderr (shown by the test runner).
+pub fn run<T>(
+    spec: &VmSpec,
+    mut scenario: impl FnMut(&mut RunningVm) -> std::result::Result<T, BoxError>,
+) -> Result<T> {
+    let plan = plan_vm(spec)?;
+    let mut retried = None;
+    loop {
+        let mut vm = match boot_once(&plan) {
+            Ok(vm) => vm,
+            Err(e) if e.is_host_failure() && retried.is_none() => {
+                retried = Some(note_retry(&e));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(r) = &retried {
+            vm.note_retry(r);
+        }
+        match scenario(&mut vm) {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                if let (Some(f), None) = (vm.host_failure(), &retried) {
+                    let err = Error::HostFailed(f);
+                    eprintln!("{}", vm.console_log());
+                    retried = Some(note_retry(&err));
+                    continue;
+                }
+                eprintln!(
+                    "--- console log ---\n{}--- end of console log ---",
+                    vm.console_log()
+                );
+                return Err(Error::Scenario(e));
+            }
+        }
+    }
+}
+
+fn note_retry(e: &Error) -> String {
+    let note = format!("E2E-RETRY: {e}; booting the emulated host once more");
+    eprintln!("{note}");
+    note
+}
+
+fn launch_plan(plan: &Plan) -> Result<RunningVm> {
+    match boot_once(plan) {
+        Err(e) if e.is_host_failure() => {
+            let note = note_retry(&e);
+            let mut vm = boot_once(plan)?;
+            vm.note_retry(&note);
+            Ok(vm)
+        }
+        other => other,
+    }
+}
+
+fn boot_once(plan: &Plan) -> Result<RunningVm> {
+    let lock = host_lock()?;
+    let workdir = WorkDir::new("vm")?;
+    let api_socket = plan
+        .api_socket
+        .clone()
+        .unwrap_or_else(|| workdir.path().join("api.sock"));
+    let console = Console::new(plan.echo);
+    let backend = match &plan.payload {
+        Some((payload, qemu, image)) => Backend::Emulated(EmulatedHost::boot(
+            qemu,
+            image,
+            payload,
+            workdir.path(),
+            payload.api_socket.as_ref().map(|_| api_socket.as_path()),
+            console.clone(),
+        )?),
+        None => {
+            crate::mux::remove_stale_socket(&api_socket)
+                .ctx(|| format!("cannot use {}", api_socket.display()))?;
+            let argv: Vec<String> = plan
+                .direct_argv
+                .iter()
+                .map(|a| a.replace("{api}", &api_socket.to_string_lossy()))
+                .collect();
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            crate::sys::kill_with_parent(&mut cmd);
+            let mut child = cmd.spawn().ctx(|| format!("cannot start {}", argv[0]))?;
+            if let Some(out) = child.stdout.take() {
+                console.attach(out, "");
+            }
+            if let Some(err) = child.stderr.take() {
+                console.attach(err, "");
+            }
+            Backend::Direct(child)
+        }
+    };
+    Ok(RunningVm {
+        kind: plan.kind,
+        backend,
+        console,
+        api_socket,
+        retried: None,
+        _workdir: workdir,
+        _lock: lock,
+    })
+}
+
+fn host_lock() -> Result<File> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK_PATH)
+        .ctx(|| format!("cannot open {LOCK_PATH}"))?;
+    if file.try_lock().is_err() {
+        eprintln!("e2e: another VM holds {LOCK_PATH}; waiting for it to finish");
+        file.lock().ctx(|| format!("cannot lock {LOCK_PATH}"))?;
+    }
+    Ok(file)
+}
+
+fn emulated_host() -> Result<(crate::emulated::HostImage, QemuConfig)> {
+    let facts = host::HostFacts::probe();
+    let qemu = facts.qemu.ok_or_else(|| {
+        host::SelectError::Unavailable(format!("{} is not installed", host::QEMU_NAME))
+    })?;
+    Ok((artifacts::host_image()?, QemuConfig::new(qemu)))
+}
+
+fn plan_vm(spec: &VmSpec) -> Result<Plan> {
+    let kind = match spec.host {
+        Some(k) => k,
+        None => host::select()?.0,
+    };
+    let guest = artifacts::guest_image()?;
+    let vmm = artifacts::vmm_binary()?;
+    let mut plan = Plan {
+        kind,
+        direct_argv: Vec::new(),
+        payload: None,
+        api_socket: spec.api_socket.clone(),
+        echo: spec.echo,
+    };
+    match kind {
+        HostKind::Direct => {
+            plan.direct_argv.push(vmm.to_string_lossy().into_owned());
+            plan.direct_argv.extend(spec.vmm_args(
+                &guest.kernel.to_string_lossy(),
+                &guest.initramfs.to_string_lossy(),
+                &guest.cmdline,
+                "{api}",
+            ));
+        }
+        HostKind::Emulated => {
+            let (image, qemu) = emulated_host()?;
+            let mut argv = vec!["/bin/vmm".to_string()];
+            argv.extend(spec.vmm_args(
+                "/guest/kernel",
+                "/guest/initramfs",
+                &guest.cmdline,
+                INSIDE_API_SOCKET,
+            ));
+            let payload = Payload {
+                files: vec![
+                    file_in("/bin/vmm", &vmm, 0o755),
+                    file_in("/guest/kernel", &guest.kernel, 0o644),
+                    file_in("/guest/initramfs", &guest.initramfs, 0o644),
+                ],
+                argv,
+                api_socket: Some(INSIDE_API_SOCKET.to_string()),
+                timeout: spec.timeout,
+            };
+            plan.payload = Some((payload, qemu, image));
+        }
+    }
+    Ok(plan)
+}
+
+fn file_in(inside: &str, host: &Path, mode: u32) -> FileIn {
+    FileIn {
+        inside: inside.to_string(),
+        host: host.to_path_buf(),
+        mode,
+    }
+}
+
+/// What a console wait looks for: a substring or a predicate.
+pub trait Matcher {
+    /// True if `line` matches.
+    fn matches(&self, line: &str) -> bool;
+}
+
+impl Matcher for &str {
+    fn matches(&self, line: &str) -> bool {
+        line.contains(*self)
+    }
+}
+
+impl Matcher for String {
+    fn matches(&self, line: &str) -> bool {
+        line.contains(self.as_str())
+    }
+}
+
+impl<F: Fn(&str) -> bool> Matcher for F {
+    fn matches(&self, line: &str) -> bool {
+        self(line)
+    }
+}
+
+impl RunningVm {
+    /// Where the VMM runs.
+    pub fn host_kind(&self) -> HostKind {
+        self.kind
+    }
+
+    /// The VMM's API socket on this machine (forwarded when emulated).
+    pub fn api_socket(&self) -> &Path {
+        &self.api_socket
+    }
+
+    /// The captured console.
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    /// Figures of the emulated host's boot (`None` when direct).
+    pub fn host_timings(&self) -> Option<HostTimings> {
+        match &self.backend {
+            Backend::Emulated(h) => Some(h.timings()),
+            Backend::Direct(_) => None,
+        }
+    }
+
+    /// The retry note, if this VM is a second attempt.
+    pub fn retried(&self) -> Option<&str> {
+        self.retried.as_deref()
+    }
+
+    fn note_retry(&mut self, note: &str) {
+        self.console.push(&format!("harness: {note}"));
+        self.retried = Some(note.to_string());
+    }
+
+    /// A mark for [`RunningVm::wait_for_console_after`]: lines so far.
+    pub fn console_mark(&self) -> usize {
+        self.console.len()
+    }
+
+    /// The first console line (since launch) matching `pattern`.
+    pub fn wait_for_console(&self, pattern: impl Matcher, timeout: Duration) -> Result<String> {
+        self.wait_for_console_after(0, pattern, timeout)
+            .map(|(_, l)| l)
+    }
+
+    /// The first console line at or after `mark` matching `pattern`, with
+    /// its index. Fails early when the VMM exits.
+    pub fn wait_for_console_after(
+        &self,
+        mark: usize,
+        pattern: impl Matcher,
+        timeout: Duration,
+    ) -> Result<(usize, String)> {
+        let what = "a console line";
+        self.console
+            .wait_for_after(mark, |l| pattern.matches(l), timeout)
+            .map_err(|e| {
+                if let Some(f) = self.host_failure() {
+                    return Error::HostFailed(f);
+                }
+                match e {
+                    WaitError::Timeout(timeout) => Error::Timeout {
+                        what: what.into(),
+                        timeout,
+                    },
+                    WaitError::Closed => Error::Exited(what.into()),
+                }
+            })
+    }
+
+    /// All console lines so far, `[seconds] text` each.
+    pub fn console_log(&self) -> String {
+        self.console.log()
+    }
+
+    /// The emulated host's own failure (soft lockup, reset), if seen.
+    pub fn host_failure(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Emulated(h) => h.failure(),
+            Backend::Direct(_) => None,
+        }
+    }
+
+    /// Waits for the VMM to exit; its status (128+signal if killed).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
+        match &mut self.backend {
+            Backend::Emulated(h) => h.wait_exit(timeout),
+            Backend::Direct(child) => {
+                let deadline = Instant::now() + timeout;
+                loop {
+                    if let Some(status) =
+                        child.try_wait().ctx(|| "cannot wait for the VMM".into())?
+                    {
+                        self.console.wait_closed(Duration::from_secs(5));
+                        use std::os::unix::process::ExitStatusExt;
+                        return Ok(status.code().unwrap_or_else(|| {
+                            crate::job::signal_status(status.signal().unwrap_or(0))
+                        }));
+                    }
+                    if Instant::now() >= deadline {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(Error::Timeout {
+                            what: "the VMM to exit".into(),
+                            timeout,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// Kills the VMM (and the emulated host). Idempotent.
+    pub fn kill(&mut self) {
+        match &mut self.backend {
+            Backend::Emulated(h) => h.kill(),
+            Backend::Direct(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.kill();
+        if let Backend::Direct(_) = self.backend {
+            let _ = std::fs::remove_file(&self.api_socket);
+        }
+    }
+}

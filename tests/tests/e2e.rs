@@ -1,0 +1,138 @@
+//! End-to-end tests: the emulated KVM host itself, the API forward into it,
+//! and a full boot of our VMM with the stock guest.
+//!
+//! They run under plain `cargo test` (CI runs them), one VM at a time: each
+//! [`e2e::RunningVm`] holds a machine-wide file lock. A test that cannot run
+//! here prints one `E2E-SKIP:` line with the reason (set `E2E_REQUIRE=1` to
+//! make that a failure instead). `E2E_ECHO=1` streams the consoles.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use e2e::host::{self, SelectError};
+use e2e::{Error, HostJob, HostKind};
+
+/// Prints the skip line, or panics when skipping is not allowed.
+fn skip(reason: &str) {
+    if std::env::var_os("E2E_REQUIRE").is_some() {
+        panic!("E2E_REQUIRE is set but the test cannot run: {reason}");
+    }
+    println!("E2E-SKIP: {reason}");
+}
+
+/// The emulated host can run here (QEMU present), else a skip line.
+fn emulated_available() -> bool {
+    match host::choose(&host::HostFacts::probe(), Some(HostKind::Emulated)) {
+        Ok(_) => true,
+        Err(e) => {
+            skip(&e.to_string());
+            false
+        }
+    }
+}
+
+fn timed(name: &str, start: Instant) {
+    println!("E2E-TIME test={name} ms={}", start.elapsed().as_millis());
+}
+
+#[test]
+fn testhost_kvm_selftest() {
+    if !emulated_available() {
+        return;
+    }
+    let start = Instant::now();
+    let mut vm = e2e::launch_host_job(HostJob::KvmSelftest, None, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("emulated host did not boot: {}", report(&e)));
+    let t = vm.host_timings().expect("emulated");
+    println!(
+        "E2E-TIME testhost_ready_ms={} init_at_ms={:?} modules_ms={:?}",
+        t.to_ready.as_millis(),
+        t.init_at.map(|d| d.as_millis()),
+        t.modules.map(|d| d.as_millis())
+    );
+    let status = vm.wait_exit(Duration::from_secs(120));
+    let log = vm.console_log();
+    assert_eq!(status.ok(), Some(0), "selftest failed:\n{log}");
+    assert!(
+        log.contains("kvm selftest ok"),
+        "no selftest report:\n{log}"
+    );
+    assert!(log.contains("nested=1"), "nested SVM is off:\n{log}");
+    timed("testhost_kvm_selftest", start);
+}
+
+fn report(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[allow(dead_code)]
+fn unused(_: SelectError) {}
+
+#[test]
+fn testhost_api_forward() {
+    if !emulated_available() {
+        return;
+    }
+    let start = Instant::now();
+    let sock = std::env::temp_dir().join(format!("e2e-fwd-{}.sock", std::process::id()));
+    let mut vm = e2e::launch_host_job(
+        HostJob::EchoServer,
+        Some(sock.clone()),
+        Duration::from_secs(120),
+    )
+    .unwrap_or_else(|e| panic!("emulated host did not boot: {}", report(&e)));
+    assert_eq!(vm.api_socket(), sock.as_path());
+    let t = Instant::now();
+    let mut c = UnixStream::connect(&sock).expect("connect forwarded socket");
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(b"hello through ttyS1\n").unwrap();
+    let mut buf = [0u8; 20];
+    c.read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("echo: {e}\n{}", vm.console_log()));
+    assert_eq!(&buf, b"hello through ttyS1\n");
+    println!("E2E-TIME forward_first_echo_ms={}", t.elapsed().as_millis());
+
+    // Bulk, both directions at once, more than the credit window.
+    let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut w = c.try_clone().unwrap();
+    let p2 = payload.clone();
+    let t = Instant::now();
+    let writer = std::thread::spawn(move || w.write_all(&p2));
+    let mut back = vec![0u8; payload.len()];
+    c.read_exact(&mut back)
+        .unwrap_or_else(|e| panic!("bulk echo: {e}\n{}", vm.console_log()));
+    writer.join().unwrap().unwrap();
+    assert!(back == payload, "bulk echo corrupted");
+    let ms = t.elapsed().as_millis().max(1);
+    println!(
+        "E2E-TIME forward_bulk_64KiB_ms={ms} ({} KiB/s each way)",
+        64 * 1000 / ms
+    );
+
+    // A second connection while the first is open; then quit.
+    let mut q = UnixStream::connect(&sock).unwrap();
+    q.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    q.write_all(b"QUIT").unwrap();
+    let mut bye = [0u8; 4];
+    q.read_exact(&mut bye).unwrap();
+    assert_eq!(&bye, b"BYE\n");
+    drop(c);
+    let status = vm.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        status.ok(),
+        Some(0),
+        "echo job failed:\n{}",
+        vm.console_log()
+    );
+    drop(vm);
+    assert!(!sock.exists(), "forwarded socket left behind");
+    timed("testhost_api_forward", start);
+}
