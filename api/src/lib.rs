@@ -1,2 +1,30 @@
-//! API types shared by the VMM, its client and the guest agent (placeholder).
+//! The VMM's HTTP API: the JSON types, the route table, an async client
+//! with a blocking wrapper, and the `vmmctl` command line built on it.
+//!
+//! The server lives in the `vmm` crate (`vmm::api_server`); this crate has
+//! no KVM and no server, so the CLI, the tests and other tools can use it
+//! anywhere. `openapi.yaml` beside this crate describes the same API; a
+//! test checks it lists exactly [`routes::ROUTES`].
+//!
+//! # Conventions
+//! - JSON in and out; request bodies reject unknown fields.
+//! - Errors are `{"error": {"code": "...", "message": "..."}}` ([`ErrorBody`]).
+//! - Mutations answer `202` with an [`Operation`] while the guest works,
+//!   `200` with the operation when nothing had to change or when
+//!   `?wait=SECONDS` saw it finish, and `504` with the still-running
+//!   operation when the wait ran out.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod operation;
+pub mod routes;
+pub mod vcpu;
+pub mod vm;
+
+pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use operation::{Operation, OperationKind, OperationStatus};
+pub use vcpu::{ResizeRequest, VcpuInfo, VcpuList, VcpuState};
+pub use vm::{VmInfo, VmState};

@@ -1,0 +1,135 @@
+//! `/api/v1/vcpus`: every possible vCPU and the resize request.
+
+use serde::{Deserialize, Serialize};
+
+/// The life of one vCPU slot as the VMM sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VcpuState {
+    /// Not plugged in.
+    Absent,
+    /// Hot-add requested; the guest has not yet brought it online.
+    Adding,
+    /// Plugged in.
+    Present,
+    /// Hot-remove requested; the guest has not yet ejected it.
+    Removing,
+}
+
+impl VcpuState {
+    /// Whether an operation on this vCPU is in flight.
+    pub fn in_flight(self) -> bool {
+        matches!(self, Self::Adding | Self::Removing)
+    }
+}
+
+impl std::fmt::Display for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Absent => "absent",
+            Self::Adding => "adding",
+            Self::Present => "present",
+            Self::Removing => "removing",
+        })
+    }
+}
+
+/// One possible vCPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuInfo {
+    /// vCPU id (= APIC id).
+    pub id: u32,
+    /// What the VMM is doing with it.
+    pub state: VcpuState,
+    /// Whether the guest has it online; absent until the guest has said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_online: Option<bool>,
+}
+
+/// The answer to `GET /api/v1/vcpus`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuList {
+    /// The most vCPUs the VM can have.
+    pub max_vcpus: u32,
+    /// Every possible vCPU, by ascending id.
+    pub vcpus: Vec<VcpuInfo>,
+}
+
+impl VcpuList {
+    /// How many vCPUs are in `state`.
+    pub fn count(&self, state: VcpuState) -> usize {
+        self.vcpus.iter().filter(|v| v.state == state).count()
+    }
+}
+
+/// The body of `PUT /api/v1/vcpus`. Only a JSON object with exactly this
+/// field is accepted (not an array, no other fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ResizeRequest {
+    /// How many vCPUs should be present (1 to `max_vcpus`).
+    pub desired: u32,
+}
+
+impl<'de> Deserialize<'de> for ResizeRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Strict {
+            desired: u32,
+        }
+        struct ObjectOnly;
+        impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+            type Value = ResizeRequest;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object like {\"desired\": 2}")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let Strict { desired } =
+                    Strict::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(ResizeRequest { desired })
+            }
+        }
+        deserializer.deserialize_map(ObjectOnly)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_request_is_strict() {
+        let ok: ResizeRequest = serde_json::from_str(r#"{"desired": 3}"#).unwrap();
+        assert_eq!(ok.desired, 3);
+        let err = serde_json::from_str::<ResizeRequest>(r#"{"desired": 3, "x": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `x`"), "{err}");
+        for bad in [
+            r#"{"desired": 3, "extra": 1}"#,
+            r#"{"desired": "3"}"#,
+            r#"{"desired": -1}"#,
+            r#"{"desired": 1.5}"#,
+            r#"{"desired": 4294967296}"#,
+            r#"{}"#,
+            r#"[3]"#,
+            r#"3"#,
+            r#"null"#,
+        ] {
+            assert!(serde_json::from_str::<ResizeRequest>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vcpu_info_guest_online_optional() {
+        let v: VcpuInfo = serde_json::from_str(r#"{"id": 2, "state": "adding"}"#).unwrap();
+        assert_eq!(v.guest_online, None);
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            r#"{"id":2,"state":"adding"}"#
+        );
+        assert!(VcpuState::Adding.in_flight());
+        assert!(!VcpuState::Present.in_flight());
+    }
+}

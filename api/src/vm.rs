@@ -1,0 +1,72 @@
+//! `GET /api/v1/vm`: the VM as a whole.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Built, guest not yet running.
+    Starting,
+    /// The guest is running.
+    Running,
+    /// The VMM is tearing the VM down.
+    Stopping,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+        })
+    }
+}
+
+/// The answer to `GET /api/v1/vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Where the VM is in its life.
+    pub state: VmState,
+    /// vCPUs present at boot.
+    pub boot_vcpus: u32,
+    /// The most vCPUs the VM can have (ids `0..max_vcpus`).
+    pub max_vcpus: u32,
+    /// vCPUs present now (including those being removed).
+    pub present_vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Whether the guest agent is connected; absent while unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_connected: Option<bool>,
+    /// The guest agent's version, once it has said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optional_agent_fields_are_omitted() {
+        let vm = VmInfo {
+            state: VmState::Running,
+            boot_vcpus: 1,
+            max_vcpus: 4,
+            present_vcpus: 2,
+            memory_mib: 256,
+            agent_connected: None,
+            agent_version: None,
+        };
+        let json = serde_json::to_value(&vm).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"state": "running", "boot_vcpus": 1, "max_vcpus": 4,
+                "present_vcpus": 2, "memory_mib": 256})
+        );
+        let back: VmInfo = serde_json::from_value(json).unwrap();
+        assert_eq!(back, vm);
+    }
+}

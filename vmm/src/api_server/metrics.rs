@@ -1,0 +1,156 @@
+//! `/api/v1/metrics`: the API's own request counters ([`ApiMetrics`]) and
+//! the Prometheus text that joins them with the VMM's counters.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::parse::{Parsed, RequestError, RequestParts};
+use crate::control::{Action, VmmMetrics};
+
+/// `Content-Type` of the Prometheus text exposition format.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Statuses counted one by one; any other is counted as `other`.
+const STATUSES: [u16; 12] = [200, 202, 400, 404, 405, 409, 413, 415, 422, 500, 503, 504];
+
+/// API requests answered, by HTTP status. Shared between the API thread
+/// (which counts) and whoever else wants to read them.
+#[derive(Debug, Default)]
+pub struct ApiMetrics {
+    by_status: [AtomicU64; STATUSES.len()],
+    other: AtomicU64,
+}
+
+impl ApiMetrics {
+    /// All counters at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Count one request answered with `status`.
+    pub fn count(&self, status: u16) {
+        let counter = match STATUSES.iter().position(|s| *s == status) {
+            Some(i) => &self.by_status[i],
+            None => &self.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests answered with `status` (statuses not counted one by one
+    /// read as the shared `other` counter).
+    pub fn requests(&self, status: u16) -> u64 {
+        match STATUSES.iter().position(|s| *s == status) {
+            Some(i) => self.by_status[i].load(Ordering::Relaxed),
+            None => self.other.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Requests answered, all statuses.
+    pub fn total(&self) -> u64 {
+        self.by_status
+            .iter()
+            .chain(std::iter::once(&self.other))
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The Prometheus text of `vmm`'s counters and these.
+    pub fn render(&self, vmm: &VmmMetrics) -> String {
+        let mut text = String::new();
+        let counters = [
+            (
+                "vmm_vcpu_hot_adds_total",
+                "vCPUs hot-added and confirmed online by the guest.",
+                vmm.hot_adds,
+            ),
+            (
+                "vmm_vcpu_hot_removes_total",
+                "vCPUs hot-removed: ejected by the guest and their thread joined.",
+                vmm.hot_removes,
+            ),
+            (
+                "vmm_vcpu_hotplug_failures_total",
+                "Hot-add or hot-remove operations that failed.",
+                vmm.hotplug_failures,
+            ),
+            (
+                "vmm_hotplug_ignored_register_accesses_total",
+                "Guest accesses to the hotplug registers that were ignored.",
+                vmm.ignored_register_accesses,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = write!(
+                text,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+            );
+        }
+        let name = "vmm_api_requests_total";
+        let _ = write!(
+            text,
+            "# HELP {name} API requests answered, by HTTP status.\n# TYPE {name} counter\n"
+        );
+        for (status, counter) in STATUSES.iter().zip(&self.by_status) {
+            let _ = writeln!(
+                text,
+                "{name}{{status=\"{status}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            text,
+            "{name}{{status=\"other\"}} {}",
+            self.other.load(Ordering::Relaxed)
+        );
+        text
+    }
+}
+
+/// `GET /api/v1/metrics`.
+pub(super) fn parse_get(req: &RequestParts) -> Result<Parsed, RequestError> {
+    req.no_query()?;
+    req.no_body()?;
+    Ok(Parsed::new(Action::GetMetrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_status() {
+        let metrics = ApiMetrics::new();
+        metrics.count(200);
+        metrics.count(200);
+        metrics.count(409);
+        metrics.count(418);
+        assert_eq!(metrics.requests(200), 2);
+        assert_eq!(metrics.requests(409), 1);
+        assert_eq!(metrics.requests(418), 1);
+        assert_eq!(metrics.total(), 4);
+    }
+
+    #[test]
+    fn prometheus_text() {
+        let metrics = ApiMetrics::new();
+        metrics.count(202);
+        let vmm = VmmMetrics {
+            hot_adds: 3,
+            hot_removes: 1,
+            hotplug_failures: 0,
+            ignored_register_accesses: 7,
+        };
+        let text = metrics.render(&vmm);
+        assert!(
+            text.contains("# TYPE vmm_vcpu_hot_adds_total counter\nvmm_vcpu_hot_adds_total 3\n")
+        );
+        assert!(text.contains("vmm_hotplug_ignored_register_accesses_total 7\n"));
+        assert!(text.contains("vmm_api_requests_total{status=\"202\"} 1\n"));
+        assert!(text.contains("vmm_api_requests_total{status=\"other\"} 0\n"));
+        // Every sample line is `name{labels} value` or `name value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').unwrap();
+            value.parse::<u64>().unwrap();
+        }
+    }
+}

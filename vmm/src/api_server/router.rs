@@ -1,0 +1,260 @@
+//! From an HTTP request to a response: match the path, check the method,
+//! let the resource's parser build the control action, ask the VMM, and
+//! turn its reply into HTTP. Every answer is counted by status.
+
+use std::time::Duration;
+
+use api::routes::{self, Route, ROUTES};
+use api::{ApiError, ErrorCode};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+
+use super::parse::{self, Parsed, RequestError, RequestParts};
+use super::response::{self, Body};
+use super::{metrics, operations, vcpus, vm, ServerState};
+use crate::control::{Action, ControlError, Reply};
+
+/// A path the API serves, with its id segment if it has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resource<'a> {
+    Vm,
+    Vcpus,
+    Vcpu(&'a str),
+    Operation(&'a str),
+    Metrics,
+}
+
+impl<'a> Resource<'a> {
+    fn parse(path: &'a str) -> Option<Self> {
+        let rest = path.strip_prefix(routes::PREFIX)?.strip_prefix('/')?;
+        Some(match rest.split_once('/') {
+            None => match rest {
+                "vm" => Self::Vm,
+                "vcpus" => Self::Vcpus,
+                "metrics" => Self::Metrics,
+                _ => return None,
+            },
+            Some((_, "")) => return None,
+            Some((_, id)) if id.contains('/') => return None,
+            Some(("vcpus", id)) => Self::Vcpu(id),
+            Some(("operations", id)) => Self::Operation(id),
+            Some(_) => return None,
+        })
+    }
+
+    /// The entry of [`ROUTES`] this resource serves.
+    fn route(self) -> Option<&'static Route> {
+        let template = match self {
+            Self::Vm => routes::VM,
+            Self::Vcpus => routes::VCPUS,
+            Self::Vcpu(_) => "/api/v1/vcpus/{id}",
+            Self::Operation(_) => "/api/v1/operations/{id}",
+            Self::Metrics => routes::METRICS,
+        };
+        ROUTES.iter().find(|r| r.template == template)
+    }
+}
+
+/// Answer one request; never panics on client input.
+pub(super) async fn handle(state: &ServerState, request: Request<Incoming>) -> Response<Body> {
+    let response = match answer(state, request).await {
+        Ok(response) => response,
+        Err(e) => match &e {
+            RequestError::MethodNotAllowed { allow, .. } => {
+                response::not_allowed(&e.to_api_error(), allow)
+            }
+            _ => response::error(&e.to_api_error()),
+        },
+    };
+    state.metrics.count(response.status().as_u16());
+    response
+}
+
+async fn answer(
+    state: &ServerState,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, RequestError> {
+    let (head, body) = request.into_parts();
+    let path = head.uri.path();
+    let unknown = || RequestError::UnknownPath(path.to_owned());
+    let resource = Resource::parse(path).ok_or_else(unknown)?;
+    let route = resource.route().ok_or_else(unknown)?;
+    if !route.methods.contains(&head.method.as_str()) {
+        return Err(RequestError::MethodNotAllowed {
+            method: head.method.clone(),
+            allow: route.methods,
+        });
+    }
+    let parts = RequestParts {
+        query: head.uri.query().map(str::to_owned),
+        content_type: parse::content_type(&head.headers),
+        body: parse::read_body(&head.headers, body).await?,
+    };
+    let parsed = parse_request(resource, &head.method, &parts)?;
+    Ok(dispatch(state, parsed).await)
+}
+
+/// The resource's parser for `method` (already checked against the route).
+fn parse_request(
+    resource: Resource<'_>,
+    method: &Method,
+    parts: &RequestParts,
+) -> Result<Parsed, RequestError> {
+    match (resource, method) {
+        (Resource::Vm, &Method::GET) => vm::parse_get(parts),
+        (Resource::Vcpus, &Method::GET) => vcpus::parse_get(parts),
+        (Resource::Vcpus, &Method::PUT) => vcpus::parse_resize(parts),
+        (Resource::Vcpu(id), &Method::PUT) => vcpus::parse_add(id, parts),
+        (Resource::Vcpu(id), &Method::DELETE) => vcpus::parse_remove(id, parts),
+        (Resource::Operation(id), &Method::GET) => operations::parse_get(id, parts),
+        (Resource::Metrics, &Method::GET) => metrics::parse_get(parts),
+        _ => Err(RequestError::MethodNotAllowed {
+            method: method.clone(),
+            allow: resource.route().map_or(&[], |r| r.methods),
+        }),
+    }
+}
+
+/// Ask the VMM and turn its reply into HTTP.
+async fn dispatch(state: &ServerState, parsed: Parsed) -> Response<Body> {
+    let reply = match ask(state, parsed.action).await {
+        Ok(reply) => reply,
+        Err(e) => return response::error(&e),
+    };
+    if !fits(parsed.action, &reply) {
+        log::error!("VMM answered {:?} with {reply:?}", parsed.action);
+        return response::error(&ApiError::new(
+            ErrorCode::Internal,
+            "the VMM gave an answer of the wrong kind",
+        ));
+    }
+    match reply {
+        Reply::Vm(vm) => response::json(200, &vm),
+        Reply::Vcpus(list) => response::json(200, &list),
+        Reply::Operation(op) => response::json(200, &op),
+        Reply::Metrics(vmm) => response::with_body(
+            200,
+            metrics::PROMETHEUS_CONTENT_TYPE,
+            state.metrics.render(&vmm).into_bytes(),
+        ),
+        Reply::Mutation(mutation) => response::mutation(mutation, parsed.wait).await,
+        Reply::Error(e) => response::error(&e),
+    }
+}
+
+async fn ask(state: &ServerState, action: Action) -> Result<Reply, ApiError> {
+    let timeout = state.options.reply_timeout;
+    let unavailable = |why: &str| ApiError::new(ErrorCode::Unavailable, why);
+    match tokio::time::timeout(timeout, state.control.call(action)).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(ControlError::NoReply)) => Err(ApiError::new(
+            ErrorCode::Internal,
+            "the VMM dropped the request without answering",
+        )),
+        Ok(Err(e)) => {
+            log::warn!("cannot pass an API request to the VMM: {e}");
+            Err(unavailable("the VMM is not running"))
+        }
+        Err(_) => Err(unavailable(&format!(
+            "the VMM did not answer within {}",
+            seconds(timeout)
+        ))),
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+/// Whether `reply` is a possible answer to `action`.
+fn fits(action: Action, reply: &Reply) -> bool {
+    matches!(
+        (action, reply),
+        (_, Reply::Error(_))
+            | (Action::GetVm, Reply::Vm(_))
+            | (Action::GetVcpus, Reply::Vcpus(_))
+            | (Action::GetOperation(_), Reply::Operation(_))
+            | (Action::GetMetrics, Reply::Metrics(_))
+            | (
+                Action::Resize { .. } | Action::AddVcpu(_) | Action::RemoveVcpu(_),
+                Reply::Mutation(_)
+            )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::VmmMetrics;
+
+    #[test]
+    fn paths() {
+        assert_eq!(Resource::parse("/api/v1/vm"), Some(Resource::Vm));
+        assert_eq!(Resource::parse("/api/v1/vcpus"), Some(Resource::Vcpus));
+        assert_eq!(
+            Resource::parse("/api/v1/vcpus/3"),
+            Some(Resource::Vcpu("3"))
+        );
+        assert_eq!(
+            Resource::parse("/api/v1/operations/x"),
+            Some(Resource::Operation("x"))
+        );
+        assert_eq!(Resource::parse("/api/v1/metrics"), Some(Resource::Metrics));
+        for bad in [
+            "/",
+            "/api/v1",
+            "/api/v1/",
+            "/api/v1/vm/",
+            "/api/v1/vcpus/",
+            "/api/v1/vcpus/1/2",
+            "/api/v1/vm/1",
+            "/api/v2/vm",
+            "/api/v1/vmx",
+        ] {
+            assert_eq!(Resource::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_resource_has_a_route() {
+        for r in [
+            Resource::Vm,
+            Resource::Vcpus,
+            Resource::Vcpu("1"),
+            Resource::Operation("1"),
+            Resource::Metrics,
+        ] {
+            assert!(r.route().is_some(), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn every_route_method_has_a_parser() {
+        let parts = RequestParts::default();
+        for route in ROUTES {
+            let path = route.template.replace("{id}", "1");
+            let resource = Resource::parse(&path).unwrap();
+            for method in route.methods {
+                let method = Method::from_bytes(method.as_bytes()).unwrap();
+                let result = parse_request(resource, &method, &parts);
+                assert!(
+                    !matches!(result, Err(RequestError::MethodNotAllowed { .. })),
+                    "{method} {path}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reply_kinds() {
+        assert!(fits(
+            Action::GetVm,
+            &Reply::Error(ApiError::new(ErrorCode::Internal, "x"))
+        ));
+        assert!(fits(
+            Action::GetMetrics,
+            &Reply::Metrics(VmmMetrics::default())
+        ));
+        assert!(!fits(Action::GetVm, &Reply::Metrics(VmmMetrics::default())));
+    }
+}

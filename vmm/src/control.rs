@@ -1,0 +1,751 @@
+//! The typed boundary between the API thread and the VMM thread.
+//!
+//! The API thread turns each HTTP request into an [`Action`], wraps it in a
+//! [`Request`] that carries its own reply channel, pushes it through a
+//! [`ControlSender`] (a std channel plus an `EventFd` that wakes the VMM's
+//! event loop) and awaits the [`Reply`]. The VMM thread owns the
+//! [`ControlReceiver`]: when the eventfd is readable it calls
+//! [`ControlReceiver::drain`] and answers every request without blocking.
+//!
+//! Mutations answer at once with a [`Mutation`]. A started one carries a
+//! `watch` receiver of its [`Operation`], so `?wait=SECONDS` is awaited on
+//! the API thread and never blocks or polls the VMM thread.
+//!
+//! The VMM side keeps its operations in an [`OperationTable`] and can plan
+//! a mutation with [`plan`], which encodes the API's rules (lowest absent
+//! ids are added, highest present ones removed, vCPU 0 stays, repeating a
+//! request in flight is not an error).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use api::{ApiError, ErrorCode, Operation, OperationKind, OperationStatus, VcpuState};
+use tokio::sync::{oneshot, watch};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// What the API asks of the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `GET /api/v1/vm`: answer [`Reply::Vm`].
+    GetVm,
+    /// `GET /api/v1/vcpus`: answer [`Reply::Vcpus`].
+    GetVcpus,
+    /// `PUT /api/v1/vcpus`: answer [`Reply::Mutation`].
+    Resize {
+        /// How many vCPUs should be present.
+        desired: u32,
+    },
+    /// `PUT /api/v1/vcpus/{id}`: answer [`Reply::Mutation`].
+    AddVcpu(u32),
+    /// `DELETE /api/v1/vcpus/{id}`: answer [`Reply::Mutation`].
+    RemoveVcpu(u32),
+    /// `GET /api/v1/operations/{id}`: answer [`Reply::Operation`].
+    GetOperation(u64),
+    /// `GET /api/v1/metrics`: answer [`Reply::Metrics`].
+    GetMetrics,
+}
+
+/// One control message; it carries the channel its answer goes back on.
+#[derive(Debug)]
+pub struct Request {
+    /// What is asked.
+    pub action: Action,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Reply>,
+}
+
+impl Request {
+    /// Send the answer. A client that has gone away is not an error.
+    pub fn respond(self, reply: Reply) {
+        let _ = self.reply.send(reply);
+    }
+}
+
+/// The VMM's answer to a [`Request`]. Any action may be answered with
+/// [`Reply::Error`].
+#[derive(Debug)]
+pub enum Reply {
+    /// For [`Action::GetVm`].
+    Vm(api::VmInfo),
+    /// For [`Action::GetVcpus`].
+    Vcpus(api::VcpuList),
+    /// For resize, add and remove.
+    Mutation(Mutation),
+    /// For [`Action::GetOperation`].
+    Operation(Operation),
+    /// For [`Action::GetMetrics`].
+    Metrics(VmmMetrics),
+    /// The request cannot be done; the code decides the HTTP status.
+    Error(ApiError),
+}
+
+/// What a resize, add or remove led to.
+#[derive(Debug)]
+pub enum Mutation {
+    /// Nothing had to change (`200`); the operation is already succeeded.
+    Unchanged(Operation),
+    /// The VMM started the change, or it was already in flight (`202`).
+    Started {
+        /// The operation as it was when the VMM answered.
+        operation: Operation,
+        /// Every later state of the operation.
+        progress: watch::Receiver<Operation>,
+    },
+}
+
+/// The VMM's counters, rendered by the API server as Prometheus text
+/// together with its own request counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmmMetrics {
+    /// vCPUs hot-added and confirmed online by the guest.
+    pub hot_adds: u64,
+    /// vCPUs hot-removed: ejected by the guest and their thread joined.
+    pub hot_removes: u64,
+    /// Hot-add or hot-remove operations that failed.
+    pub hotplug_failures: u64,
+    /// Guest accesses to the hotplug registers that were ignored (wrong
+    /// width or offset, ejecting a vCPU not marked for removal, ...).
+    pub ignored_register_accesses: u64,
+}
+
+/// Why a control message could not be exchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Creating the wake-up eventfd failed.
+    #[error("cannot create the control eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The VMM thread dropped its receiver.
+    #[error("the VMM thread is gone")]
+    Disconnected,
+    /// Writing the wake-up eventfd failed.
+    #[error("cannot wake the VMM thread")]
+    Wake(#[source] std::io::Error),
+    /// The VMM dropped the request without answering.
+    #[error("the VMM dropped the request")]
+    NoReply,
+}
+
+/// A connected pair: the API thread's sender and the VMM thread's receiver.
+pub fn channel() -> Result<(ControlSender, ControlReceiver), ControlError> {
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(ControlError::EventFd)?;
+    let wake = Arc::new(wake);
+    let (tx, rx) = mpsc::channel();
+    Ok((
+        ControlSender {
+            tx,
+            wake: Arc::clone(&wake),
+        },
+        ControlReceiver { rx, wake },
+    ))
+}
+
+/// The API thread's end: send an action, wake the VMM, await the reply.
+#[derive(Debug, Clone)]
+pub struct ControlSender {
+    tx: mpsc::Sender<Request>,
+    wake: Arc<EventFd>,
+}
+
+impl ControlSender {
+    /// Queue `action`, wake the VMM thread and return where the reply will
+    /// arrive.
+    pub fn send(&self, action: Action) -> Result<oneshot::Receiver<Reply>, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Request { action, reply })
+            .map_err(|_| ControlError::Disconnected)?;
+        self.wake.write(1).map_err(ControlError::Wake)?;
+        Ok(answer)
+    }
+
+    /// Send `action` and await the reply.
+    pub async fn call(&self, action: Action) -> Result<Reply, ControlError> {
+        self.send(action)?.await.map_err(|_| ControlError::NoReply)
+    }
+}
+
+/// The VMM thread's end. Register [`ControlReceiver::wake_fd`] with the
+/// event loop; when it is readable, [`ControlReceiver::drain`].
+#[derive(Debug)]
+pub struct ControlReceiver {
+    rx: mpsc::Receiver<Request>,
+    wake: Arc<EventFd>,
+}
+
+impl ControlReceiver {
+    /// The eventfd written once per request (non-blocking).
+    pub fn wake_fd(&self) -> &EventFd {
+        &self.wake
+    }
+
+    /// Clear the eventfd, then return every queued request. Clearing first
+    /// means a request queued meanwhile leaves the eventfd readable, so no
+    /// wake-up is lost.
+    pub fn drain(&self) -> mpsc::TryIter<'_, Request> {
+        // EAGAIN (nothing to clear) is the only expected error.
+        let _ = self.wake.read();
+        self.rx.try_iter()
+    }
+
+    /// Block up to `timeout` for one request (for simple loops and tests;
+    /// the event loop uses [`ControlReceiver::drain`]). `Ok(None)` on
+    /// timeout.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Request>, ControlError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(request) => Ok(Some(request)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ControlError::Disconnected),
+        }
+    }
+}
+
+/// What a mutation has to do, computed by [`plan`] from the vCPU states.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// What was asked.
+    pub kind: OperationKind,
+    /// The requested count, for a resize.
+    pub desired: Option<u32>,
+    /// vCPUs to start hot-adding now (ascending).
+    pub add: Vec<u32>,
+    /// vCPUs to start hot-removing now (descending).
+    pub remove: Vec<u32>,
+    /// vCPUs the operation waits for: those above plus any already in
+    /// flight that the request depends on. Empty: nothing to do.
+    pub wait_for: Vec<u32>,
+}
+
+impl Plan {
+    fn new(kind: OperationKind, desired: Option<u32>) -> Self {
+        Self {
+            kind,
+            desired,
+            add: Vec::new(),
+            remove: Vec::new(),
+            wait_for: Vec::new(),
+        }
+    }
+}
+
+/// Plan a mutation against `states` (indexed by vCPU id; its length is the
+/// maximum). `None` for actions that are not mutations.
+///
+/// Rules: an id beyond the maximum is `vcpu_not_found`; removing vCPU 0 is
+/// `vcpu0_not_removable`; a count of 0 or above the maximum is
+/// `invalid_vcpu_count`; adding a vCPU being removed (or the reverse) is a
+/// `conflict`; asking for what is already true, or already in flight, is
+/// not an error (the plan then starts nothing).
+pub fn plan(action: Action, states: &[VcpuState]) -> Option<Result<Plan, ApiError>> {
+    match action {
+        Action::Resize { desired } => Some(plan_resize(states, desired)),
+        Action::AddVcpu(id) => Some(plan_add(states, id)),
+        Action::RemoveVcpu(id) => Some(plan_remove(states, id)),
+        Action::GetVm | Action::GetVcpus | Action::GetOperation(_) | Action::GetMetrics => None,
+    }
+}
+
+fn state_of(states: &[VcpuState], id: u32) -> Result<VcpuState, ApiError> {
+    usize::try_from(id)
+        .ok()
+        .and_then(|i| states.get(i).copied())
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::VcpuNotFound,
+                format!(
+                    "no vCPU {id}: ids go from 0 to {}",
+                    states.len().saturating_sub(1)
+                ),
+            )
+        })
+}
+
+fn conflict(id: u32, state: VcpuState) -> ApiError {
+    let doing = if state == VcpuState::Adding {
+        "added"
+    } else {
+        "removed"
+    };
+    ApiError::new(
+        ErrorCode::Conflict,
+        format!("vCPU {id} is being {doing}; retry when that has finished"),
+    )
+}
+
+fn plan_add(states: &[VcpuState], id: u32) -> Result<Plan, ApiError> {
+    let mut plan = Plan::new(OperationKind::Add, None);
+    match state_of(states, id)? {
+        VcpuState::Present => {}
+        VcpuState::Adding => plan.wait_for.push(id),
+        VcpuState::Absent => {
+            plan.add.push(id);
+            plan.wait_for.push(id);
+        }
+        state @ VcpuState::Removing => return Err(conflict(id, state)),
+    }
+    Ok(plan)
+}
+
+fn plan_remove(states: &[VcpuState], id: u32) -> Result<Plan, ApiError> {
+    let state = state_of(states, id)?;
+    if id == 0 {
+        return Err(ApiError::new(
+            ErrorCode::Vcpu0NotRemovable,
+            "vCPU 0 cannot be removed",
+        ));
+    }
+    let mut plan = Plan::new(OperationKind::Remove, None);
+    match state {
+        VcpuState::Absent => {}
+        VcpuState::Removing => plan.wait_for.push(id),
+        VcpuState::Present => {
+            plan.remove.push(id);
+            plan.wait_for.push(id);
+        }
+        VcpuState::Adding => return Err(conflict(id, state)),
+    }
+    Ok(plan)
+}
+
+fn plan_resize(states: &[VcpuState], desired: u32) -> Result<Plan, ApiError> {
+    let max = states.len();
+    let wanted = usize::try_from(desired).unwrap_or(usize::MAX);
+    if wanted == 0 || wanted > max {
+        return Err(ApiError::new(
+            ErrorCode::InvalidVcpuCount,
+            format!("desired must be between 1 and {max}, not {desired}"),
+        ));
+    }
+    let ids = || (0..max).filter_map(|i| u32::try_from(i).ok().map(|id| (id, states[i])));
+    let effective = ids()
+        .filter(|(_, s)| matches!(s, VcpuState::Present | VcpuState::Adding))
+        .count();
+    let mut plan = Plan::new(OperationKind::Resize, Some(desired));
+    if wanted > effective {
+        let absent: Vec<u32> = ids()
+            .filter(|(_, s)| *s == VcpuState::Absent)
+            .map(|(id, _)| id)
+            .take(wanted - effective)
+            .collect();
+        if absent.len() < wanted - effective {
+            let busy = ids().find(|(_, s)| *s == VcpuState::Removing);
+            return Err(match busy {
+                Some((id, state)) => conflict(id, state),
+                None => ApiError::new(ErrorCode::Internal, "no free vCPU slot"),
+            });
+        }
+        plan.add = absent;
+    } else if wanted < effective {
+        let highest = ids()
+            .rev()
+            .filter(|(id, s)| *id != 0 && matches!(s, VcpuState::Present | VcpuState::Adding))
+            .take(effective - wanted);
+        for (id, state) in highest {
+            if state == VcpuState::Adding {
+                return Err(conflict(id, state));
+            }
+            plan.remove.push(id);
+        }
+    }
+    let in_flight = ids().filter(|(_, s)| s.in_flight()).map(|(id, _)| id);
+    let wait_for: BTreeSet<u32> = in_flight
+        .chain(plan.add.iter().copied())
+        .chain(plan.remove.iter().copied())
+        .collect();
+    plan.wait_for = wait_for.into_iter().collect();
+    Ok(plan)
+}
+
+/// The VMM side's record of operations: creates them, fans vCPU results
+/// out to every operation waiting for that vCPU, and looks them up.
+///
+/// Running operations are kept until they finish; of the finished ones the
+/// most recent `keep_finished` are kept.
+#[derive(Debug)]
+pub struct OperationTable {
+    next_id: u64,
+    entries: BTreeMap<u64, Entry>,
+    finished: VecDeque<u64>,
+    keep_finished: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    progress: watch::Sender<Operation>,
+    pending: BTreeSet<u32>,
+    started: Instant,
+}
+
+impl Default for OperationTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OperationTable {
+    /// How many finished operations [`OperationTable::new`] keeps.
+    pub const DEFAULT_KEEP_FINISHED: usize = 256;
+
+    /// An empty table keeping [`Self::DEFAULT_KEEP_FINISHED`] finished
+    /// operations.
+    pub fn new() -> Self {
+        Self::with_capacity(Self::DEFAULT_KEEP_FINISHED)
+    }
+
+    /// An empty table keeping `keep_finished` finished operations.
+    pub fn with_capacity(keep_finished: usize) -> Self {
+        Self {
+            next_id: 1,
+            entries: BTreeMap::new(),
+            finished: VecDeque::new(),
+            keep_finished,
+        }
+    }
+
+    /// Record the operation for `plan` and return the reply to send.
+    ///
+    /// Nothing to wait for: a succeeded operation, [`Mutation::Unchanged`].
+    /// A running operation of the same kind, count and vCPUs: that one
+    /// again (so repeating a request is idempotent). Otherwise a new
+    /// running operation. Call it before starting the plan's changes.
+    pub fn track(&mut self, plan: &Plan) -> Mutation {
+        if let Some(entry) = self.entries.values().find(|e| {
+            let op = e.progress.borrow();
+            op.status == OperationStatus::Running
+                && op.kind == plan.kind
+                && op.desired == plan.desired
+                && op.vcpus == plan.wait_for
+        }) {
+            return Mutation::Started {
+                operation: entry.progress.borrow().clone(),
+                progress: entry.progress.subscribe(),
+            };
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let operation = Operation {
+            id,
+            kind: plan.kind,
+            desired: plan.desired,
+            vcpus: plan.wait_for.clone(),
+            status: OperationStatus::Running,
+            reason: None,
+            started_unix_ms: unix_ms(),
+            duration_ms: None,
+        };
+        let (progress, receiver) = watch::channel(operation.clone());
+        self.entries.insert(
+            id,
+            Entry {
+                progress,
+                pending: plan.wait_for.iter().copied().collect(),
+                started: Instant::now(),
+            },
+        );
+        if plan.wait_for.is_empty() {
+            let done = self.finish(id, OperationStatus::Succeeded, None);
+            return Mutation::Unchanged(done.unwrap_or(operation));
+        }
+        Mutation::Started {
+            operation,
+            progress: receiver,
+        }
+    }
+
+    /// The operation with `id`, if known.
+    pub fn get(&self, id: u64) -> Option<Operation> {
+        self.entries.get(&id).map(|e| e.progress.borrow().clone())
+    }
+
+    /// The reply to [`Action::GetOperation`].
+    pub fn reply(&self, id: u64) -> Reply {
+        match self.get(id) {
+            Some(op) => Reply::Operation(op),
+            None => Reply::Error(ApiError::new(
+                ErrorCode::OperationNotFound,
+                format!("no operation {id}"),
+            )),
+        }
+    }
+
+    /// The ids of the running operations, ascending.
+    pub fn running(&self) -> Vec<u64> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.progress.borrow().status == OperationStatus::Running)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The guest confirmed `vcpu` (added: online; removed: ejected and its
+    /// thread joined). Every running operation waiting for it advances and
+    /// succeeds when it waits for nothing more.
+    pub fn vcpu_done(&mut self, vcpu: u32) {
+        let mut done = Vec::new();
+        for (id, entry) in &mut self.entries {
+            if entry.pending.remove(&vcpu) && entry.pending.is_empty() {
+                done.push(*id);
+            }
+        }
+        for id in done {
+            self.finish(id, OperationStatus::Succeeded, None);
+        }
+    }
+
+    /// Changing `vcpu` failed: every running operation waiting for it fails
+    /// with `reason`.
+    pub fn vcpu_failed(&mut self, vcpu: u32, reason: &str) {
+        let failed: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.pending.contains(&vcpu))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in failed {
+            self.finish(
+                id,
+                OperationStatus::Failed,
+                Some(format!("vCPU {vcpu}: {reason}")),
+            );
+        }
+    }
+
+    /// Fail every running operation (e.g. the VM is shutting down).
+    pub fn fail_all(&mut self, reason: &str) {
+        for id in self.running() {
+            self.finish(id, OperationStatus::Failed, Some(reason.to_owned()));
+        }
+    }
+
+    /// Finish a running operation; returns its final state.
+    fn finish(
+        &mut self,
+        id: u64,
+        status: OperationStatus,
+        reason: Option<String>,
+    ) -> Option<Operation> {
+        let entry = self.entries.get_mut(&id)?;
+        if entry.progress.borrow().status.is_finished() {
+            return None;
+        }
+        entry.pending.clear();
+        let elapsed = u64::try_from(entry.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        entry.progress.send_modify(|op| {
+            op.status = status;
+            op.reason = reason;
+            op.duration_ms = Some(elapsed);
+        });
+        let done = entry.progress.borrow().clone();
+        self.finished.push_back(id);
+        while self.finished.len() > self.keep_finished {
+            if let Some(old) = self.finished.pop_front() {
+                self.entries.remove(&old);
+            }
+        }
+        Some(done)
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use VcpuState::{Absent as A, Adding as D, Present as P, Removing as R};
+
+    fn resize(states: &[VcpuState], desired: u32) -> Result<Plan, ApiError> {
+        plan(Action::Resize { desired }, states).unwrap()
+    }
+
+    #[test]
+    fn resize_adds_lowest_absent_and_removes_highest_present() {
+        let p = resize(&[P, A, P, A, A], 4).unwrap();
+        assert_eq!(
+            (p.add, p.remove, p.wait_for),
+            (vec![1, 3], vec![], vec![1, 3])
+        );
+        let p = resize(&[P, P, P, A, P], 2).unwrap();
+        assert_eq!(
+            (p.add, p.remove, p.wait_for),
+            (vec![], vec![4, 2], vec![2, 4])
+        );
+    }
+
+    #[test]
+    fn resize_is_idempotent() {
+        let p = resize(&[P, P, A], 2).unwrap();
+        assert!(p.wait_for.is_empty() && p.add.is_empty() && p.remove.is_empty());
+        // Already in flight: nothing new, wait for what is in flight.
+        let p = resize(&[P, P, D], 3).unwrap();
+        assert_eq!((p.add, p.wait_for), (vec![], vec![2]));
+        let p = resize(&[P, P, R], 2).unwrap();
+        assert_eq!((p.remove, p.wait_for), (vec![], vec![2]));
+    }
+
+    #[test]
+    fn resize_rejects_bad_counts_and_conflicts() {
+        for n in [0, 4, u32::MAX] {
+            assert_eq!(
+                resize(&[P, A, A], n).unwrap_err().code,
+                ErrorCode::InvalidVcpuCount
+            );
+        }
+        // Shrinking would have to cancel an add in flight.
+        assert_eq!(resize(&[P, P, D], 2).unwrap_err().code, ErrorCode::Conflict);
+        // Growing needs a slot still being removed.
+        assert_eq!(resize(&[P, P, R], 3).unwrap_err().code, ErrorCode::Conflict);
+    }
+
+    #[test]
+    fn add_and_remove_rules() {
+        let states = [P, A, D, R, P];
+        let add = |id| plan(Action::AddVcpu(id), &states).unwrap();
+        let remove = |id| plan(Action::RemoveVcpu(id), &states).unwrap();
+        assert_eq!(add(1).unwrap().add, vec![1]);
+        assert!(add(0).unwrap().wait_for.is_empty());
+        assert_eq!(add(2).unwrap().wait_for, vec![2]);
+        assert_eq!(add(3).unwrap_err().code, ErrorCode::Conflict);
+        assert_eq!(add(5).unwrap_err().code, ErrorCode::VcpuNotFound);
+        assert_eq!(remove(0).unwrap_err().code, ErrorCode::Vcpu0NotRemovable);
+        assert_eq!(remove(4).unwrap().remove, vec![4]);
+        assert!(remove(1).unwrap().wait_for.is_empty());
+        assert_eq!(remove(2).unwrap_err().code, ErrorCode::Conflict);
+        assert_eq!(remove(3).unwrap().wait_for, vec![3]);
+        assert_eq!(remove(9).unwrap_err().code, ErrorCode::VcpuNotFound);
+        assert!(plan(Action::GetVm, &states).is_none());
+    }
+
+    fn started(m: Mutation) -> (Operation, watch::Receiver<Operation>) {
+        match m {
+            Mutation::Started {
+                operation,
+                progress,
+            } => (operation, progress),
+            Mutation::Unchanged(op) => panic!("unchanged: {op:?}"),
+        }
+    }
+
+    #[test]
+    fn table_tracks_and_fans_out() {
+        let mut table = OperationTable::new();
+        let grow = resize(&[P, A, A], 3).unwrap();
+        let (op, progress) = started(table.track(&grow));
+        assert_eq!(op.status, OperationStatus::Running);
+        assert_eq!(op.vcpus, vec![1, 2]);
+        // Repeating the same request joins the same operation.
+        let (again, _) = started(table.track(&resize(&[P, D, D], 3).unwrap()));
+        assert_eq!(again.id, op.id);
+        // A single add of a vCPU in flight waits for it too.
+        let (single, single_progress) = started(table.track(&plan_add(&[P, D, D], 2).unwrap()));
+        assert_ne!(single.id, op.id);
+        table.vcpu_done(2);
+        assert_eq!(single_progress.borrow().status, OperationStatus::Succeeded);
+        assert_eq!(progress.borrow().status, OperationStatus::Running);
+        table.vcpu_done(1);
+        let done = progress.borrow().clone();
+        assert_eq!(done.status, OperationStatus::Succeeded);
+        assert!(done.duration_ms.is_some());
+        assert_eq!(table.get(op.id), Some(done));
+        assert!(table.running().is_empty());
+    }
+
+    #[test]
+    fn table_failures_and_unchanged() {
+        let mut table = OperationTable::new();
+        let (op, progress) = started(table.track(&plan_remove(&[P, P], 1).unwrap()));
+        table.vcpu_failed(1, "guest did not eject it");
+        let failed = progress.borrow().clone();
+        assert_eq!(failed.status, OperationStatus::Failed);
+        assert_eq!(
+            failed.reason.as_deref(),
+            Some("vCPU 1: guest did not eject it")
+        );
+        // A later result for the same vCPU does not resurrect it.
+        table.vcpu_done(1);
+        assert_eq!(table.get(op.id).unwrap().status, OperationStatus::Failed);
+        match table.track(&plan_remove(&[P, A], 1).unwrap()) {
+            Mutation::Unchanged(op) => {
+                assert_eq!(op.status, OperationStatus::Succeeded);
+                assert!(op.is_noop());
+                assert!(matches!(table.reply(op.id), Reply::Operation(_)));
+            }
+            Mutation::Started { .. } => panic!("expected unchanged"),
+        }
+        match table.reply(999) {
+            Reply::Error(e) => assert_eq!(e.code, ErrorCode::OperationNotFound),
+            other => panic!("{other:?}"),
+        }
+        let (_, progress) = started(table.track(&plan_add(&[P, A], 1).unwrap()));
+        table.fail_all("shutting down");
+        assert_eq!(progress.borrow().reason.as_deref(), Some("shutting down"));
+    }
+
+    #[test]
+    fn table_forgets_old_finished_operations() {
+        let mut table = OperationTable::with_capacity(2);
+        let noop = plan_add(&[P], 0).unwrap();
+        let ids: Vec<u64> = (0..3)
+            .map(|_| match table.track(&noop) {
+                Mutation::Unchanged(op) => op.id,
+                Mutation::Started { .. } => panic!("expected unchanged"),
+            })
+            .collect();
+        assert!(table.get(ids[0]).is_none());
+        assert!(table.get(ids[1]).is_some() && table.get(ids[2]).is_some());
+        // Running operations are never forgotten.
+        let (op, _) = started(table.track(&plan_add(&[P, A], 1).unwrap()));
+        for _ in 0..3 {
+            table.track(&noop);
+        }
+        assert!(table.get(op.id).is_some());
+    }
+
+    #[test]
+    fn channel_wakes_and_drains() {
+        let (sender, receiver) = channel().unwrap();
+        let _a = sender.send(Action::GetVm).unwrap();
+        let _b = sender.send(Action::GetMetrics).unwrap();
+        assert_eq!(receiver.wake_fd().read().unwrap(), 2);
+        let _c = sender.send(Action::GetVcpus).unwrap();
+        let actions: Vec<Action> = receiver.drain().map(|r| r.action).collect();
+        assert_eq!(
+            actions,
+            vec![Action::GetVm, Action::GetMetrics, Action::GetVcpus]
+        );
+        // drain() cleared the eventfd.
+        assert!(receiver.wake_fd().read().is_err());
+        assert!(receiver
+            .recv_timeout(Duration::from_millis(1))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn reply_travels_back_and_disconnect_is_reported() {
+        let (sender, receiver) = channel().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let answer = sender.send(Action::GetOperation(3)).unwrap();
+        let request = receiver.drain().next().unwrap();
+        assert_eq!(request.action, Action::GetOperation(3));
+        request.respond(Reply::Metrics(VmmMetrics::default()));
+        assert!(matches!(rt.block_on(answer), Ok(Reply::Metrics(_))));
+        // Dropped without an answer.
+        let answer = sender.send(Action::GetVm).unwrap();
+        drop(receiver.drain().next());
+        assert!(rt.block_on(answer).is_err());
+        drop(receiver);
+        assert!(matches!(
+            sender.send(Action::GetVm),
+            Err(ControlError::Disconnected)
+        ));
+    }
+}
