@@ -132,7 +132,7 @@ mod tests {
         assert_eq!(e[0], &[0, 8, 0, 0, 1, 0, 0, 0]);
         assert_eq!(e[1], &[0, 8, 1, 1, 1, 0, 0, 0]);
         for (id, entry) in e.iter().enumerate().take(8).skip(2) {
-            let id = id as u8;
+            let id = u8::try_from(id).unwrap();
             assert_eq!(*entry, &[0, 8, id, id, 2, 0, 0, 0]);
         }
         assert_eq!(e[8], &[1, 12, 0, 0, 0x00, 0x00, 0xc0, 0xfe, 0, 0, 0, 0]);
