@@ -38,6 +38,22 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code a server sends (all but [`ErrorCode::Unknown`]).
+    pub const ALL: [ErrorCode; 12] = [
+        Self::MalformedRequest,
+        Self::NotFound,
+        Self::VcpuNotFound,
+        Self::OperationNotFound,
+        Self::MethodNotAllowed,
+        Self::Vcpu0NotRemovable,
+        Self::Conflict,
+        Self::PayloadTooLarge,
+        Self::UnsupportedMediaType,
+        Self::InvalidVcpuCount,
+        Self::Internal,
+        Self::Unavailable,
+    ];
+
     /// The HTTP status this code is sent with.
     pub fn status(self) -> u16 {
         match self {
@@ -134,20 +150,7 @@ mod tests {
 
     #[test]
     fn as_str_matches_serde() {
-        for code in [
-            ErrorCode::MalformedRequest,
-            ErrorCode::NotFound,
-            ErrorCode::VcpuNotFound,
-            ErrorCode::OperationNotFound,
-            ErrorCode::MethodNotAllowed,
-            ErrorCode::Vcpu0NotRemovable,
-            ErrorCode::Conflict,
-            ErrorCode::PayloadTooLarge,
-            ErrorCode::UnsupportedMediaType,
-            ErrorCode::InvalidVcpuCount,
-            ErrorCode::Internal,
-            ErrorCode::Unavailable,
-        ] {
+        for code in ErrorCode::ALL {
             let json = serde_json::to_value(code).unwrap();
             assert_eq!(json, serde_json::Value::from(code.as_str()));
         }

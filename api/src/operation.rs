@@ -14,6 +14,11 @@ pub enum OperationKind {
     Remove,
 }
 
+impl OperationKind {
+    /// Every variant.
+    pub const ALL: [OperationKind; 3] = [Self::Resize, Self::Add, Self::Remove];
+}
+
 impl std::fmt::Display for OperationKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -38,6 +43,9 @@ pub enum OperationStatus {
 }
 
 impl OperationStatus {
+    /// Every variant.
+    pub const ALL: [OperationStatus; 3] = [Self::Running, Self::Succeeded, Self::Failed];
+
     /// Whether the operation has ended (either way).
     pub fn is_finished(self) -> bool {
         !matches!(self, Self::Running)

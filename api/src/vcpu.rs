@@ -17,6 +17,9 @@ pub enum VcpuState {
 }
 
 impl VcpuState {
+    /// Every variant.
+    pub const ALL: [VcpuState; 4] = [Self::Absent, Self::Adding, Self::Present, Self::Removing];
+
     /// Whether an operation on this vCPU is in flight.
     pub fn in_flight(self) -> bool {
         matches!(self, Self::Adding | Self::Removing)

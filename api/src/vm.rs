@@ -14,6 +14,11 @@ pub enum VmState {
     Stopping,
 }
 
+impl VmState {
+    /// Every variant.
+    pub const ALL: [VmState; 3] = [Self::Starting, Self::Running, Self::Stopping];
+}
+
 impl std::fmt::Display for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

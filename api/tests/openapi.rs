@@ -1,0 +1,238 @@
+//! `openapi.yaml` parses, lists exactly the routes in `api::routes::ROUTES`
+//! (which the server's router serves; vmm's `api_http` tests check that over
+//! HTTP), and its schemas match what the Rust types put on the wire.
+
+use std::collections::BTreeSet;
+
+use api::routes::ROUTES;
+use api::{
+    ApiError, ErrorBody, ErrorCode, Operation, OperationKind, OperationStatus, ResizeRequest,
+    VcpuInfo, VcpuList, VcpuState, VmInfo, VmState,
+};
+use serde::Serialize;
+use yaml_rust2::{Yaml, YamlLoader};
+
+const METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "patch", "head", "options", "trace",
+];
+
+fn spec() -> Yaml {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml");
+    let text = std::fs::read_to_string(path).expect("read openapi.yaml");
+    let mut docs = YamlLoader::load_from_str(&text).expect("openapi.yaml is valid YAML");
+    assert_eq!(docs.len(), 1);
+    docs.remove(0)
+}
+
+fn keys(yaml: &Yaml) -> BTreeSet<String> {
+    yaml.as_hash()
+        .map(|h| {
+            h.keys()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn strings(yaml: &Yaml) -> BTreeSet<String> {
+    yaml.as_vec()
+        .map(|v| {
+            v.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn spec_lists_exactly_the_served_routes() {
+    let spec = spec();
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = &spec["paths"];
+    let spec_paths = keys(paths);
+    let served: BTreeSet<String> = ROUTES.iter().map(|r| r.template.to_owned()).collect();
+    assert_eq!(spec_paths, served);
+    for route in ROUTES {
+        let item = &paths[route.template];
+        let spec_methods: BTreeSet<String> = keys(item)
+            .into_iter()
+            .filter(|k| METHODS.contains(&k.as_str()))
+            .collect();
+        let served: BTreeSet<String> = route.methods.iter().map(|m| m.to_lowercase()).collect();
+        assert_eq!(spec_methods, served, "{}", route.template);
+        for method in &spec_methods {
+            let responses = keys(&item[method.as_str()]["responses"]);
+            assert!(
+                responses.iter().any(|s| s.starts_with('2')),
+                "{method} {}",
+                route.template
+            );
+        }
+    }
+}
+
+fn all_refs(yaml: &Yaml, out: &mut Vec<String>) {
+    match yaml {
+        Yaml::Hash(h) => {
+            for (k, v) in h {
+                if k.as_str() == Some("$ref") {
+                    out.push(v.as_str().unwrap_or_default().to_owned());
+                }
+                all_refs(v, out);
+            }
+        }
+        Yaml::Array(a) => a.iter().for_each(|v| all_refs(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_reference_resolves() {
+    let spec = spec();
+    let mut refs = Vec::new();
+    all_refs(&spec, &mut refs);
+    assert!(!refs.is_empty());
+    for r in refs {
+        let mut node = &spec;
+        for part in r.strip_prefix("#/").expect("local reference").split('/') {
+            node = &node[part];
+        }
+        assert!(!node.is_badvalue(), "unresolved {r}");
+    }
+}
+
+fn schema<'a>(spec: &'a Yaml, name: &str) -> &'a Yaml {
+    let s = &spec["components"]["schemas"][name];
+    assert!(!s.is_badvalue(), "no schema {name}");
+    s
+}
+
+fn json_keys<T: Serialize>(value: &T) -> BTreeSet<String> {
+    match serde_json::to_value(value).unwrap() {
+        serde_json::Value::Object(m) => m.keys().cloned().collect(),
+        other => panic!("not an object: {other}"),
+    }
+}
+
+/// `full` (every optional field set) gives the properties, `minimal`
+/// (every optional field unset) the required ones.
+fn check_object<T: Serialize>(spec: &Yaml, name: &str, full: &T, minimal: &T) {
+    let s = schema(spec, name);
+    assert_eq!(s["additionalProperties"].as_bool(), Some(false), "{name}");
+    assert_eq!(keys(&s["properties"]), json_keys(full), "{name} properties");
+    assert_eq!(
+        strings(&s["required"]),
+        json_keys(minimal),
+        "{name} required"
+    );
+}
+
+fn check_enum<T: Serialize>(spec: &Yaml, name: &str, variants: &[T]) {
+    let wire: BTreeSet<String> = variants
+        .iter()
+        .map(|v| {
+            serde_json::to_value(v)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(strings(&schema(spec, name)["enum"]), wire, "{name}");
+}
+
+#[test]
+fn schemas_match_the_types() {
+    let spec = spec();
+    let vm = VmInfo {
+        state: VmState::Running,
+        boot_vcpus: 1,
+        max_vcpus: 2,
+        present_vcpus: 1,
+        memory_mib: 64,
+        agent_connected: Some(true),
+        agent_version: Some("1".into()),
+    };
+    let vm_min = VmInfo {
+        agent_connected: None,
+        agent_version: None,
+        ..vm.clone()
+    };
+    check_object(&spec, "VmInfo", &vm, &vm_min);
+    let vm_states: BTreeSet<String> =
+        strings(&schema(&spec, "VmInfo")["properties"]["state"]["enum"]);
+    assert_eq!(
+        vm_states,
+        VmState::ALL
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<_>>()
+    );
+
+    let vcpu = VcpuInfo {
+        id: 1,
+        state: VcpuState::Present,
+        guest_online: Some(true),
+    };
+    let vcpu_min = VcpuInfo {
+        guest_online: None,
+        ..vcpu.clone()
+    };
+    check_object(&spec, "VcpuInfo", &vcpu, &vcpu_min);
+    let list = VcpuList {
+        max_vcpus: 1,
+        vcpus: vec![],
+    };
+    check_object(&spec, "VcpuList", &list, &list);
+    let resize = ResizeRequest { desired: 1 };
+    check_object(&spec, "ResizeRequest", &resize, &resize);
+
+    let op = Operation {
+        id: 1,
+        kind: OperationKind::Resize,
+        desired: Some(2),
+        vcpus: vec![1],
+        status: OperationStatus::Failed,
+        reason: Some("r".into()),
+        started_unix_ms: 1,
+        duration_ms: Some(1),
+    };
+    let op_min = Operation {
+        desired: None,
+        reason: None,
+        duration_ms: None,
+        ..op.clone()
+    };
+    check_object(&spec, "Operation", &op, &op_min);
+
+    let err = ApiError::new(ErrorCode::Conflict, "m");
+    check_object(&spec, "ApiError", &err, &err);
+    let body = ErrorBody::from(err);
+    check_object(&spec, "ErrorBody", &body, &body);
+
+    check_enum(&spec, "VcpuState", &VcpuState::ALL);
+    check_enum(&spec, "OperationKind", &OperationKind::ALL);
+    check_enum(&spec, "OperationStatus", &OperationStatus::ALL);
+    check_enum(&spec, "ErrorCode", &ErrorCode::ALL);
+}
+
+#[test]
+fn every_error_status_is_documented_somewhere() {
+    let spec = spec();
+    let mut documented = BTreeSet::new();
+    for route in ROUTES {
+        for method in route.methods {
+            let op = &spec["paths"][route.template][method.to_lowercase().as_str()];
+            documented.extend(keys(&op["responses"]));
+        }
+    }
+    for code in ErrorCode::ALL {
+        let status = code.status().to_string();
+        // 404 for unknown paths and 405 for wrong methods concern paths the
+        // spec does not list as operations.
+        if matches!(code, ErrorCode::NotFound | ErrorCode::MethodNotAllowed) {
+            continue;
+        }
+        assert!(documented.contains(&status), "{code} ({status})");
+    }
+}
