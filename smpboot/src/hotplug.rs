@@ -182,6 +182,10 @@ impl<'a> Hotplug<'a> {
     /// After `cpu` came up: unparks every thread of it, newest registration
     /// first, without waiting for them to run (statement 8). Valid from
     /// prepared.
+    ///
+    /// A thread parked again before it got to run stays parked without
+    /// calling `unpark` or a second `park` (as in the kernel): callback
+    /// counts depend on whether the thread ran in between.
     pub fn online(&mut self, cpu: u32) -> Result<(), RegistryError> {
         self.expect(cpu, &[CpuState::Prepared], Transition::Online)?;
         self.create_missing(cpu)?;
