@@ -304,6 +304,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn up_to_1024_vcpus_fit() {
+        let fits = |max| build_acpi_tables(&cfg(1, max)).is_ok();
+        // Binary search for the largest max_vcpus that fits.
+        let (mut lo, mut hi) = (1024, MAX_ACPI_VCPUS);
+        assert!(fits(lo) && !fits(hi));
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        println!("largest max_vcpus that fits: {lo}");
+    }
+
+    #[test]
     fn writes_into_guest_memory() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let rsdp = create_acpi_tables(&mem, &cfg(2, 8)).unwrap();
