@@ -14,3 +14,8 @@ pub trait BusDevice: Send {
     /// The guest writes `data` at `offset`.
     fn write(&mut self, offset: u64, data: &[u8]);
 }
+
+pub mod cpu_hotplug;
+pub mod ged;
+pub mod power;
+pub mod serial;
