@@ -101,7 +101,9 @@ fn testhost_api_forward() {
     println!("E2E-TIME forward_first_echo_ms={}", t.elapsed().as_millis());
 
     // Bulk, both directions at once, more than the credit window.
-    let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let payload: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect();
     let mut w = c.try_clone().unwrap();
     let p2 = payload.clone();
     let t = Instant::now();
