@@ -58,6 +58,14 @@ const WAIT_FOREVER: u16 = 0xffff;
 /// The largest vCPU count whose device names (`C000`..`CFFF`) fit.
 pub(super) const MAX_NAMED_VCPUS: u32 = 0x1000;
 
+// The bit fields CPEN, CINS, CRMV, CEJF are bits 0..3 of the status byte.
+const _: () = assert!(
+    STATUS_ENABLED == 1 << 0
+        && STATUS_INSERTING == 1 << 1
+        && STATUS_REMOVING == 1 << 2
+        && CONTROL_EJECT == 1 << 3
+);
+
 /// The AML name of vCPU `id`'s device (`id` below [`MAX_NAMED_VCPUS`]).
 pub(super) fn cpu_device_name(id: u32) -> String {
     format!("C{id:03X}")
@@ -155,12 +163,10 @@ impl Aml for ContainerMethods {
             vec![&acquire, &select_arg, &clear, &if_present, &release, &ret],
         )
         .to_aml_bytes(sink);
-        debug_assert_eq!(STATUS_ENABLED, 1, "CPEN is bit 0");
 
         // CEJ0 (id): set the eject bit of the selected vCPU.
         let cejf = Path::new("CEJF");
         let eject = Store::new(&cejf, &ONE);
-        debug_assert_eq!(CONTROL_EJECT, 1 << 3, "CEJF is bit 3");
         Method::new(
             "CEJ0".into(),
             1,
