@@ -214,6 +214,9 @@ impl EmulatedHost {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         crate::sys::kill_with_parent(&mut cmd);
+        // Own process group: a terminal's Ctrl-C reaches the harness only,
+        // which then shuts everything down in order.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut qemu = cmd
             .spawn()
             .ctx(|| format!("cannot start {}", cfg.binary.display()))?;
@@ -306,15 +309,29 @@ impl EmulatedHost {
             .map(|l| l.text.clone())
     }
 
+    /// The job's exit status from `TESTHOST-EXIT` once QEMU has ended;
+    /// `None` while it runs.
+    pub fn try_exit(&mut self) -> Result<Option<i32>> {
+        match self.qemu.try_wait() {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(Error::io("cannot wait for QEMU", e)),
+        }
+        self.console.wait_closed(Duration::from_secs(5));
+        let lines = self.console.lines();
+        match lines.iter().find_map(|l| job::parse_exit(&l.text)) {
+            Some(status) => Ok(Some(status)),
+            None => Err(self.classify_exit("before TESTHOST-EXIT")),
+        }
+    }
+
     /// Waits for QEMU to end and returns the job's exit status from
-    /// `TESTHOST-EXIT`.
+    /// `TESTHOST-EXIT`. Kills QEMU on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
         let deadline = Instant::now() + timeout;
         loop {
-            match self.qemu.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) => {}
-                Err(e) => return Err(Error::io("cannot wait for QEMU", e)),
+            if let Some(status) = self.try_exit()? {
+                return Ok(status);
             }
             if Instant::now() >= deadline {
                 self.kill();
@@ -328,12 +345,6 @@ impl EmulatedHost {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.console.wait_closed(Duration::from_secs(5));
-        let lines = self.console.lines();
-        if let Some(status) = lines.iter().find_map(|l| job::parse_exit(&l.text)) {
-            return Ok(status);
-        }
-        Err(self.classify_exit("before TESTHOST-EXIT"))
     }
 
     /// Why QEMU ended without `TESTHOST-EXIT`.

@@ -285,6 +285,7 @@ fn boot_once(plan: &Plan) -> Result<RunningVm> {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             crate::sys::kill_with_parent(&mut cmd);
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
             let mut child = cmd.spawn().ctx(|| format!("cannot start {}", argv[0]))?;
             if let Some(out) = child.stdout.take() {
                 console.attach(out, "");
@@ -492,33 +493,44 @@ impl RunningVm {
         }
     }
 
-    /// Waits for the VMM to exit; its status (128+signal if killed).
-    pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
+    /// The VMM's exit status (128+signal if killed) once it has exited;
+    /// `None` while it runs.
+    pub fn try_exit(&mut self) -> Result<Option<i32>> {
         match &mut self.backend {
-            Backend::Emulated(h) => h.wait_exit(timeout),
+            Backend::Emulated(h) => h.try_exit(),
             Backend::Direct(child) => {
-                let deadline = Instant::now() + timeout;
-                loop {
-                    if let Some(status) =
-                        child.try_wait().ctx(|| "cannot wait for the VMM".into())?
-                    {
-                        self.console.wait_closed(Duration::from_secs(5));
-                        use std::os::unix::process::ExitStatusExt;
-                        return Ok(status.code().unwrap_or_else(|| {
-                            crate::job::signal_status(status.signal().unwrap_or(0))
-                        }));
-                    }
-                    if Instant::now() >= deadline {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return Err(Error::Timeout {
-                            what: "the VMM to exit".into(),
-                            timeout,
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                use std::os::unix::process::ExitStatusExt;
+                let Some(status) = child.try_wait().ctx(|| "cannot wait for the VMM".into())?
+                else {
+                    return Ok(None);
+                };
+                self.console.wait_closed(Duration::from_secs(5));
+                Ok(Some(status.code().unwrap_or_else(|| {
+                    crate::job::signal_status(status.signal().unwrap_or(0))
+                })))
             }
+        }
+    }
+
+    /// Waits for the VMM to exit; its status (128+signal if killed). On
+    /// timeout everything is killed.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
+        if let Backend::Emulated(h) = &mut self.backend {
+            return h.wait_exit(timeout);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(Error::Timeout {
+                    what: "the VMM to exit".into(),
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

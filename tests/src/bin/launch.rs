@@ -1,0 +1,155 @@
+//! `launch`: boots the default guest with our VMM, directly on this
+//! machine's KVM or inside the emulated KVM host, and serves its API
+//! socket on this machine.
+//!
+//! ```text
+//! cargo run --release -p e2e --bin launch -- --api-socket /tmp/vmm.sock \
+//!     [--cpus boot=1,max=8] [--memory 256M] [--cmdline "loglevel=7"] [--host emulated]
+//! ```
+//!
+//! The console streams to stdout; the launcher's own lines go to stderr.
+//! Exits with the VMM's status; Ctrl-C (or SIGTERM) stops everything.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use e2e::{Echo, HostKind, VmSpec};
+
+/// Boot the default guest with the VMM and expose its API socket.
+#[derive(Debug, Parser)]
+#[command(name = "launch")]
+struct Args {
+    /// API socket path on this machine (forwarded into the emulated host).
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// vCPUs: `boot=N,max=M` or `N`.
+    #[arg(long, default_value = "boot=1,max=8")]
+    cpus: String,
+    /// Guest memory, e.g. `256M` or `1G`.
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// Extra guest kernel command line parameters.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Force the host: direct or emulated (default: automatic, `E2E_HOST`).
+    #[arg(long)]
+    host: Option<String>,
+    /// Stop the VM after this many seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    timeout: u64,
+}
+
+fn parse_cpus(s: &str) -> Result<(u32, u32)> {
+    if let Ok(n) = s.trim().parse::<u32>() {
+        return Ok((n, n));
+    }
+    let (mut boot, mut max) = (None, None);
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("boot", v)) => boot = Some(v.trim().parse::<u32>()?),
+            Some(("max", v)) => max = Some(v.trim().parse::<u32>()?),
+            _ => bail!("--cpus {s:?}: expected boot=N,max=M or N"),
+        }
+    }
+    let boot = boot.context("--cpus needs boot=N")?;
+    Ok((boot, max.unwrap_or(boot)))
+}
+
+fn parse_mib(s: &str) -> Result<u32> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'G' | 'g')) => (&s[..i], 1024),
+        Some((i, 'M' | 'm')) => (&s[..i], 1),
+        _ => (s, 1),
+    };
+    let n: u32 = num.parse().with_context(|| format!("--memory {s:?}"))?;
+    n.checked_mul(mul).context("--memory too large")
+}
+
+fn main() {
+    match run() {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("launch: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run() -> Result<i32> {
+    let args = Args::parse();
+    // Before any thread exists, so that every thread inherits the mask and
+    // only the signal thread below receives these signals.
+    e2e::sys::block_termination_signals().context("cannot block signals")?;
+    let (sig_tx, sig_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok(sig) = e2e::sys::wait_termination_signal() {
+            let _ = sig_tx.send(sig);
+        }
+    });
+
+    let (boot, max) = parse_cpus(&args.cpus)?;
+    let host = match args.host.as_deref() {
+        None => None,
+        Some(v) => e2e::host::parse_forced(Some(v))?,
+    };
+    let timeout = match args.timeout {
+        0 => Duration::from_secs(7 * 24 * 3600),
+        s => Duration::from_secs(s),
+    };
+    let mut spec = VmSpec::new(boot, max).cmdline(&args.cmdline);
+    spec.memory_mib = parse_mib(&args.memory)?;
+    spec.api_socket = Some(args.api_socket.clone());
+    spec.host = host;
+    spec.timeout = timeout;
+    spec.echo = Echo::Stdout;
+
+    eprintln!("launch: preparing the guest image, the static vmm and the emulated host if needed");
+    let mut vm = e2e::launch(&spec)?;
+    let sock = vm.api_socket().display().to_string();
+    match vm.host_kind() {
+        HostKind::Direct => eprintln!("launch: VMM running on this machine's /dev/kvm"),
+        HostKind::Emulated => {
+            let t = vm.host_timings().unwrap_or_default();
+            eprintln!(
+                "launch: VMM running inside the emulated KVM host (ready after {:.1} s); \
+                 its API socket is forwarded over the host's ttyS1",
+                t.to_ready.as_secs_f64()
+            );
+        }
+    }
+    eprintln!("launch: API socket: {sock}");
+    eprintln!("launch: try: curl --unix-socket {sock} http://localhost/api/v1/vm");
+    eprintln!("launch: Ctrl-C stops the VM");
+
+    loop {
+        if let Some(status) = vm.try_exit()? {
+            eprintln!("launch: VMM exited with status {status}");
+            return Ok(status);
+        }
+        if let Ok(sig) = sig_rx.try_recv() {
+            eprintln!("launch: signal {sig}: stopping the VM");
+            vm.kill();
+            return Ok(130);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes_and_cpus() {
+        assert_eq!(parse_cpus("boot=2,max=8").unwrap(), (2, 8));
+        assert_eq!(parse_cpus("4").unwrap(), (4, 4));
+        assert!(parse_cpus("max=4").is_err());
+        assert_eq!(parse_mib("256M").unwrap(), 256);
+        assert_eq!(parse_mib("1G").unwrap(), 1024);
+        assert_eq!(parse_mib("512").unwrap(), 512);
+    }
+}
