@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use smpboot::{
-    CpuState, CreateError, FaultInjector, RegistryError, RegistryEvent, SpawnError, ThreadDescriptor,
-    ThreadStatus,
+    CpuState, CreateError, FaultInjector, RegistryError, RegistryEvent, SpawnError,
+    ThreadDescriptor, ThreadStatus,
 };
 
 #[test]
@@ -20,12 +20,21 @@ fn s01_register_creates_ascending_and_unparks_each_before_next() {
     let id = h.descriptor();
     let mut expected = Vec::new();
     for cpu in [0, 1, 3, 5] {
-        expected.push(RegistryEvent::ThreadCreated { descriptor: id, cpu });
-        expected.push(RegistryEvent::UnparkRequested { descriptor: id, cpu });
+        expected.push(RegistryEvent::ThreadCreated {
+            descriptor: id,
+            cpu,
+        });
+        expected.push(RegistryEvent::UnparkRequested {
+            descriptor: id,
+            cpu,
+        });
     }
     expected.push(RegistryEvent::Registered { descriptor: id });
     assert_eq!(sim.events(), expected);
-    assert_eq!(log.calls(Cb::Create), vec![("a", 0), ("a", 1), ("a", 3), ("a", 5)]);
+    assert_eq!(
+        log.calls(Cb::Create),
+        vec![("a", 0), ("a", 1), ("a", 3), ("a", 5)]
+    );
     for cpu in [0, 1, 3, 5] {
         wait_until("setup", || log.count("a", cpu, Cb::Setup) == 1);
     }
@@ -45,9 +54,15 @@ fn s02_offline_cpu_gets_a_parked_thread_at_prepare_and_runs_at_online() {
     assert_eq!(t.status, ThreadStatus::Created);
     assert!(t.parked);
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(log.count("a", 2, Cb::Setup), 0, "a parked thread must not run setup");
+    assert_eq!(
+        log.count("a", 2, Cb::Setup),
+        0,
+        "a parked thread must not run setup"
+    );
     sim.registry.online(2).unwrap();
-    sim.wait_snap("setup on CPU 2", |s| s.thread(id, 2).unwrap().status == ThreadStatus::Active);
+    sim.wait_snap("setup on CPU 2", |s| {
+        s.thread(id, 2).unwrap().status == ThreadStatus::Active
+    });
     assert_eq!(log.of("a", 2), vec![Cb::Create, Cb::Setup]);
     assert_eq!(sim.thread(id, 3).status, ThreadStatus::Absent);
 }
@@ -59,7 +74,9 @@ fn s03_one_thread_per_cpu_survives_offline_online_cycles() {
     let d = probe("a", &log, &work, Callbacks::ALL);
     let h = sim.registry.register(&d).unwrap();
     let id = h.descriptor();
-    sim.wait_snap("active", |s| s.thread(id, 1).unwrap().status == ThreadStatus::Active);
+    sim.wait_snap("active", |s| {
+        s.thread(id, 1).unwrap().status == ThreadStatus::Active
+    });
     let serial = sim.thread(id, 1).serial;
     for _ in 0..5 {
         sim.registry.offline(1).unwrap();
@@ -70,7 +87,9 @@ fn s03_one_thread_per_cpu_survives_offline_online_cycles() {
     let t = sim.thread(id, 1);
     assert_eq!(t.serial, serial, "the thread was re-created");
     assert_eq!((t.calls.create, t.calls.setup, t.calls.park), (1, 1, 5));
-    sim.wait_snap("last unpark", |s| s.thread(id, 1).unwrap().calls.unpark == 5);
+    sim.wait_snap("last unpark", |s| {
+        s.thread(id, 1).unwrap().calls.unpark == 5
+    });
     let created = sim
         .events()
         .iter()
@@ -111,7 +130,10 @@ fn s04_creation_failure_at_cpu_k_rolls_everything_back() {
     assert!(sim.snap().descriptors.is_empty());
     for cpu in 0..3 {
         // Threads that got to run setup were cleaned up; none was parked.
-        assert_eq!(log.count("a", cpu, Cb::Setup), log.count("a", cpu, Cb::Cleanup { online: true }));
+        assert_eq!(
+            log.count("a", cpu, Cb::Setup),
+            log.count("a", cpu, Cb::Cleanup { online: true })
+        );
         assert_eq!(log.count("a", cpu, Cb::Park), 0);
     }
     let stopped: Vec<u32> = sim
@@ -144,7 +166,10 @@ fn s05_descriptor_joins_only_after_every_online_cpu_succeeded() {
     sim.registry.prepare(6).unwrap();
     sim.registry.online(6).unwrap();
     assert!(log.entries().iter().all(|e| e.cpu != 6));
-    assert!(matches!(sim.registry.unregister(&d), Err(RegistryError::NotRegistered)));
+    assert!(matches!(
+        sim.registry.unregister(&d),
+        Err(RegistryError::NotRegistered)
+    ));
     // On success, Registered comes after every thread was created.
     inj.clear();
     sim.clear_events();
@@ -196,7 +221,10 @@ fn s06_register_and_transitions_exclude_each_other() {
     assert!(register_done <= offline_done);
     // The park on CPU 3 came after every create of the registration.
     let order: Vec<Cb> = log.entries().iter().map(|e| e.cb).collect();
-    assert_eq!(order, vec![Cb::Create, Cb::Create, Cb::Create, Cb::Create, Cb::Park]);
+    assert_eq!(
+        order,
+        vec![Cb::Create, Cb::Create, Cb::Create, Cb::Create, Cb::Park]
+    );
 
     // The other way: a slow park holds off a registration.
     let gate_log = Log::new();
@@ -212,7 +240,9 @@ fn s06_register_and_transitions_exclude_each_other() {
         .build();
     sim.registry.register(&slow_park).unwrap();
     let id = sim.snap().descriptors[1].id;
-    sim.wait_snap("active", |s| s.thread(id, 2).unwrap().status == ThreadStatus::Active);
+    sim.wait_snap("active", |s| {
+        s.thread(id, 2).unwrap().status == ThreadStatus::Active
+    });
     let offlining = {
         let sim = Arc::clone(&sim);
         std::thread::spawn(move || sim.registry.offline(2).unwrap())

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use smpboot::{
-    CpuState, CreateError, FaultInjector, Placement, PlacementError, Registry, RegistryError, RegistryEvent,
-    SimPlacement, SpawnError, ThreadDescriptor, ThreadStatus,
+    CpuState, CreateError, FaultInjector, Placement, PlacementError, Registry, RegistryError,
+    RegistryEvent, SimPlacement, SpawnError, ThreadDescriptor, ThreadStatus,
 };
 
 #[test]
@@ -41,7 +41,10 @@ fn s19_stop_calls_cleanup_itself_if_setup_ran_with_the_online_flag() {
     // cleanup ran on the thread that ran setup, not in the caller.
     let e = log.entries();
     for cpu in [0, 1] {
-        let setup = e.iter().find(|x| x.label == "a" && x.cpu == cpu && x.cb == Cb::Setup).unwrap();
+        let setup = e
+            .iter()
+            .find(|x| x.label == "a" && x.cpu == cpu && x.cb == Cb::Setup)
+            .unwrap();
         let cleanup = e
             .iter()
             .find(|x| x.label == "a" && x.cpu == cpu && matches!(x.cb, Cb::Cleanup { .. }))
@@ -67,7 +70,10 @@ fn s20_thread_stopped_before_it_ran_gets_neither_setup_nor_cleanup() {
     sim.registry.unregister(&d).unwrap();
     for cpu in [2, 3] {
         assert_eq!(log.of("a", cpu), vec![Cb::Create]);
-        assert!(sim.events().contains(&RegistryEvent::Stopped { descriptor: id, cpu }));
+        assert!(sim.events().contains(&RegistryEvent::Stopped {
+            descriptor: id,
+            cpu
+        }));
     }
 }
 
@@ -91,13 +97,17 @@ fn s21_unregister_removes_first_then_stops_ascending_without_park() {
             move |cpu| l.push("u", cpu, Cb::Park)
         })
         .cleanup(move |cpu, online| {
-            r.lock().unwrap().push((cpu, online, where_am_i(&placement, cpu)));
+            r.lock()
+                .unwrap()
+                .push((cpu, online, where_am_i(&placement, cpu)));
             l.push("u", cpu, Cb::Cleanup { online });
         })
         .build();
     let id = sim.registry.register(&d).unwrap().descriptor();
     sim.wait_snap("setup everywhere", |s| {
-        [0, 1, 2, 3].iter().all(|&c| s.thread(id, c).unwrap().status == ThreadStatus::Active)
+        [0, 1, 2, 3]
+            .iter()
+            .all(|&c| s.thread(id, c).unwrap().status == ThreadStatus::Active)
     });
     // CPU 2 really goes down (topology and registry).
     let driver = smpboot::CpuHotplug::new(&sim.registry, &sim.topo);
@@ -115,10 +125,15 @@ fn s21_unregister_removes_first_then_stops_ascending_without_park() {
         })
         .collect();
     assert_eq!(stops, vec![0, 1, 2, 3]);
-    assert!(!ev.iter().any(|e| matches!(e, RegistryEvent::ParkRequested { .. })));
+    assert!(!ev
+        .iter()
+        .any(|e| matches!(e, RegistryEvent::ParkRequested { .. })));
     assert_eq!(log.count("u", 2, Cb::Park), parks_before);
     let ran_on = ran_on.lock().unwrap();
-    assert_eq!(ran_on.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert_eq!(
+        ran_on.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
     let (_, online, on) = ran_on[2];
     assert!(!online);
     assert_ne!(on, 2, "cleanup of an offline CPU runs on some other CPU");
@@ -164,7 +179,10 @@ fn s22_no_callback_after_unregister_and_the_descriptor_registers_again() {
     for cpu in 0..3 {
         wait_until("second setup", || log.count("a", cpu, Cb::Setup) == 2);
     }
-    assert!(matches!(sim.registry.register(&d), Err(RegistryError::AlreadyRegistered)));
+    assert!(matches!(
+        sim.registry.register(&d),
+        Err(RegistryError::AlreadyRegistered)
+    ));
 }
 
 #[test]
@@ -183,20 +201,39 @@ fn s23_snapshot_shows_status_last_cpu_and_counts() {
     let states: Vec<_> = s.cpus.iter().map(|c| (c.cpu, c.state)).collect();
     assert_eq!(
         states,
-        vec![(0, CpuState::Online), (1, CpuState::Offline), (2, CpuState::Offline)]
+        vec![
+            (0, CpuState::Online),
+            (1, CpuState::Offline),
+            (2, CpuState::Offline)
+        ]
     );
     let desc = s.descriptor(id).unwrap();
     assert_eq!(desc.name_pattern, "snap/%u");
     let t0 = &desc.threads[0];
-    assert_eq!((t0.status, t0.parked, t0.last_cpu), (ThreadStatus::Active, false, Some(0)));
+    assert_eq!(
+        (t0.status, t0.parked, t0.last_cpu),
+        (ThreadStatus::Active, false, Some(0))
+    );
     assert_eq!(t0.name, "snap/0");
     assert_eq!(
-        (t0.calls.create, t0.calls.setup, t0.calls.thread_fn, t0.calls.park, t0.calls.unpark),
+        (
+            t0.calls.create,
+            t0.calls.setup,
+            t0.calls.thread_fn,
+            t0.calls.park,
+            t0.calls.unpark
+        ),
         (1, 1, 3, 0, 0)
     );
     let t1 = &desc.threads[1];
-    assert_eq!((t1.status, t1.parked, t1.last_cpu), (ThreadStatus::Parked, true, Some(1)));
-    assert_eq!((t1.calls.setup, t1.calls.thread_fn, t1.calls.park), (1, 1, 1));
+    assert_eq!(
+        (t1.status, t1.parked, t1.last_cpu),
+        (ThreadStatus::Parked, true, Some(1))
+    );
+    assert_eq!(
+        (t1.calls.setup, t1.calls.thread_fn, t1.calls.park),
+        (1, 1, 1)
+    );
     assert_eq!(desc.threads[2].status, ThreadStatus::Absent);
     assert_eq!(desc.threads[2].serial, None);
     assert!(t0.failure.is_none());
@@ -231,7 +268,10 @@ fn s24_thread_creation_failure_is_typed_and_leaks_nothing() {
     assert_eq!(err.to_string(), "cannot create the thread for CPU 2");
     let source = err.source().unwrap();
     assert_eq!(source.to_string(), "cannot spawn the thread");
-    assert_eq!(source.source().unwrap().to_string(), "injected thread-creation failure");
+    assert_eq!(
+        source.source().unwrap().to_string(),
+        "injected thread-creation failure"
+    );
     assert_eq!(inj.live_threads(), 0);
 
     let h = sim.registry.register(&d).unwrap();
@@ -302,8 +342,12 @@ fn s25_panicking_callback_is_contained_and_reported() {
     let id = hf.descriptor();
     work.add(1, 1);
     hf.wake(1);
-    sim.wait_snap("failed thread", |s| s.thread(id, 1).unwrap().status == ThreadStatus::Failed);
-    sim.wait_snap("failed setup", |s| s.thread(id, 2).unwrap().status == ThreadStatus::Failed);
+    sim.wait_snap("failed thread", |s| {
+        s.thread(id, 1).unwrap().status == ThreadStatus::Failed
+    });
+    sim.wait_snap("failed setup", |s| {
+        s.thread(id, 2).unwrap().status == ThreadStatus::Failed
+    });
     let s = sim.snap();
     assert_eq!(
         s.thread(id, 1).unwrap().failure.as_deref(),

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use smpboot::{
-    current_affinity, current_cpu, PinnedPlacement, Placement, PlacementError, Registry, RegistryEvent,
-    SimPlacement, ThreadDescriptor, ThreadStatus,
+    current_affinity, current_cpu, PinnedPlacement, Placement, PlacementError, Registry,
+    RegistryEvent, SimPlacement, ThreadDescriptor, ThreadStatus,
 };
 
 #[test]
@@ -33,12 +33,23 @@ fn s12_loop_checks_stop_then_park_then_transition_then_work() {
     sim.registry.unregister(&d).unwrap();
     assert_eq!(
         log.of("a", 1),
-        vec![Cb::Create, Cb::Setup, Cb::ThreadFn, Cb::Park, Cb::Cleanup { online: false }]
+        vec![
+            Cb::Create,
+            Cb::Setup,
+            Cb::ThreadFn,
+            Cb::Park,
+            Cb::Cleanup { online: false }
+        ]
     );
     assert_eq!(log.of("a", 2), vec![Cb::Create]);
     assert_eq!(
         log.of("a", 0),
-        vec![Cb::Create, Cb::Setup, Cb::ThreadFn, Cb::Cleanup { online: true }]
+        vec![
+            Cb::Create,
+            Cb::Setup,
+            Cb::ThreadFn,
+            Cb::Cleanup { online: true }
+        ]
     );
     assert_eq!(work.violations(), 0);
 }
@@ -205,13 +216,19 @@ fn s14_park_callback_only_for_active_threads_and_only_once() {
         events
             .lock()
             .unwrap()
-            .contains(&RegistryEvent::ParkRequested { descriptor: id, cpu: 2 })
+            .contains(&RegistryEvent::ParkRequested {
+                descriptor: id,
+                cpu: 2,
+            })
     });
     gate.open();
     offlining.join().unwrap();
     assert_eq!(log.of("a", 2), vec![Cb::Create]);
     let t = registry.snapshot().unwrap().thread(id, 2).unwrap().clone();
-    assert_eq!((t.status, t.parked, t.calls.park), (ThreadStatus::Created, true, 0));
+    assert_eq!(
+        (t.status, t.parked, t.calls.park),
+        (ThreadStatus::Created, true, 0)
+    );
 
     // Active now: one park; a second request (the forced-offline echo of
     // an offline CPU) gets no second call.
@@ -238,7 +255,10 @@ fn s14_park_callback_only_for_active_threads_and_only_once() {
     wait_until("setup", || log2.count("np", 0, Cb::Setup) == 1);
     registry.offline(0).unwrap();
     let t = registry.snapshot().unwrap().thread(np, 0).unwrap().clone();
-    assert_eq!((t.status, t.parked, t.calls.park), (ThreadStatus::Active, true, 0));
+    assert_eq!(
+        (t.status, t.parked, t.calls.park),
+        (ThreadStatus::Active, true, 0)
+    );
 }
 
 #[test]
@@ -270,7 +290,9 @@ fn s15_unpark_without_park_is_never_called() {
     sim.registry.failed_offline(1).unwrap();
     kick(&work, &u, 1);
     kick(&work, &pu, 1);
-    sim.wait_snap("unparks", |s| s.thread(pu.descriptor(), 1).unwrap().calls.unpark == 4);
+    sim.wait_snap("unparks", |s| {
+        s.thread(pu.descriptor(), 1).unwrap().calls.unpark == 4
+    });
     assert_eq!(log.count("u", 1, Cb::Unpark), 0);
     assert_eq!(sim.thread(u.descriptor(), 1).calls.unpark, 0);
     assert_eq!(log.count("pu", 1, Cb::Unpark), 4);
@@ -306,7 +328,10 @@ fn s16_no_lost_wakeup_under_stress() {
                     // One at a time: every round needs a fresh wake-up.
                     let deadline = Instant::now() + Duration::from_secs(5);
                     while work.pending(cpu) != 0 {
-                        assert!(Instant::now() < deadline, "lost wake-up on CPU {cpu} at round {round}");
+                        assert!(
+                            Instant::now() < deadline,
+                            "lost wake-up on CPU {cpu} at round {round}"
+                        );
                         std::thread::yield_now();
                     }
                 }
@@ -332,9 +357,15 @@ fn s16_no_lost_wakeup_under_stress() {
     for w in wakers {
         w.join().unwrap();
     }
-    wait_until("bursts drained", || work.pending(0) == 0 && work.pending(1) == 0);
+    wait_until("bursts drained", || {
+        work.pending(0) == 0 && work.pending(1) == 0
+    });
     assert_eq!(work.done(0) + work.done(1), 2 * ROUNDS + 8_000);
-    eprintln!("s16: {} wake round trips in {:?}", 2 * ROUNDS, start.elapsed());
+    eprintln!(
+        "s16: {} wake round trips in {:?}",
+        2 * ROUNDS,
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -398,7 +429,9 @@ fn s17_thread_fn_not_concurrent_not_before_setup_not_after_park_seen() {
 fn s18_callbacks_run_on_the_threads_cpu() {
     let allowed = current_affinity().unwrap();
     if !(allowed.contains(&0) && allowed.contains(&1)) {
-        eprintln!("SKIPPED s18: this process may not run on both CPU 0 and CPU 1 (allowed: {allowed:?})");
+        eprintln!(
+            "SKIPPED s18: this process may not run on both CPU 0 and CPU 1 (allowed: {allowed:?})"
+        );
         return;
     }
     // (callback, serving CPU, sched_getcpu, affinity, OS thread name)
@@ -456,12 +489,23 @@ fn s18_callbacks_run_on_the_threads_cpu() {
     let seen = seen.lock().unwrap();
     for what in ["setup", "park", "unpark", "thread_fn"] {
         for cpu in [0, 1] {
-            assert!(seen.iter().any(|s| s.0 == what && s.1 == cpu), "no {what} on CPU {cpu}");
+            assert!(
+                seen.iter().any(|s| s.0 == what && s.1 == cpu),
+                "no {what} on CPU {cpu}"
+            );
         }
     }
     for (what, cpu, ran_on, affinity, comm) in seen.iter() {
-        assert_eq!(*ran_on, Some(*cpu), "{what} for CPU {cpu} ran on {ran_on:?}");
-        assert_eq!(affinity, &vec![*cpu], "{what} for CPU {cpu} had affinity {affinity:?}");
+        assert_eq!(
+            *ran_on,
+            Some(*cpu),
+            "{what} for CPU {cpu} ran on {ran_on:?}"
+        );
+        assert_eq!(
+            affinity,
+            &vec![*cpu],
+            "{what} for CPU {cpu} had affinity {affinity:?}"
+        );
         assert_eq!(comm, &format!("pin/{cpu}"));
     }
 }

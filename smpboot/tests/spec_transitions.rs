@@ -14,7 +14,11 @@ use smpboot::{
 fn three(sim: &Sim, log: &Arc<Log>, work: &Arc<Work>) -> Vec<smpboot::WakeHandle> {
     ["a", "b", "c"]
         .iter()
-        .map(|l| sim.registry.register(&probe(l, log, work, Callbacks::ALL)).unwrap())
+        .map(|l| {
+            sim.registry
+                .register(&probe(l, log, work, Callbacks::ALL))
+                .unwrap()
+        })
         .collect()
 }
 
@@ -32,15 +36,24 @@ fn s07_prepare_creates_newest_first() {
     log.clear();
     inj.fail_nth(2);
     let err = sim.registry.prepare(3).unwrap_err();
-    assert!(matches!(err, RegistryError::ThreadCreation { cpu: 3, .. }), "{err:?}");
+    assert!(
+        matches!(err, RegistryError::ThreadCreation { cpu: 3, .. }),
+        "{err:?}"
+    );
     assert_eq!(sim.registry.cpu_state(3).unwrap(), CpuState::Offline);
     assert_eq!(log.calls(Cb::Create), vec![("c", 3)]);
     let s = sim.snap();
     let c = s.thread(hs[2].descriptor(), 3).unwrap();
     assert!(c.parked && c.status == ThreadStatus::Created);
     let serial = c.serial;
-    assert_eq!(s.thread(hs[1].descriptor(), 3).unwrap().status, ThreadStatus::Absent);
-    assert_eq!(s.thread(hs[0].descriptor(), 3).unwrap().status, ThreadStatus::Absent);
+    assert_eq!(
+        s.thread(hs[1].descriptor(), 3).unwrap().status,
+        ThreadStatus::Absent
+    );
+    assert_eq!(
+        s.thread(hs[0].descriptor(), 3).unwrap().status,
+        ThreadStatus::Absent
+    );
 
     // Next time the parked thread is reused and the rest are created.
     log.clear();
@@ -77,12 +90,19 @@ fn s08_online_unparks_newest_first_without_waiting() {
             _ => None,
         })
         .collect();
-    let ids: Vec<_> = hs.iter().rev().map(|h| h.descriptor()).chain([blk]).collect();
+    let ids: Vec<_> = hs
+        .iter()
+        .rev()
+        .map(|h| h.descriptor())
+        .chain([blk])
+        .collect();
     assert_eq!(unparks, ids);
     wait_until("blocking setup entered", || gate.entered() == 1);
     assert_eq!(sim.thread(blk, 2).calls.setup, 0, "online waited for setup");
     gate.open();
-    sim.wait_snap("setup done", |s| s.thread(blk, 2).unwrap().status == ThreadStatus::Active);
+    sim.wait_snap("setup done", |s| {
+        s.thread(blk, 2).unwrap().status == ThreadStatus::Active
+    });
 }
 
 #[test]
@@ -101,7 +121,9 @@ fn s09_offline_parks_oldest_first_synchronously() {
         ids.push(sim.registry.register(&d).unwrap().descriptor());
     }
     for &id in &ids {
-        sim.wait_snap("active", |s| s.thread(id, 1).unwrap().status == ThreadStatus::Active);
+        sim.wait_snap("active", |s| {
+            s.thread(id, 1).unwrap().status == ThreadStatus::Active
+        });
     }
     sim.registry.offline(1).unwrap();
     // Synchronous: every park callback finished before offline returned.
@@ -120,9 +142,14 @@ fn s10_failed_offline_unparks_the_same_threads_again() {
     let (log, work) = (Log::new(), Work::new(2));
     let hs = three(&sim, &log, &work);
     for h in &hs {
-        sim.wait_snap("active", |s| s.thread(h.descriptor(), 1).unwrap().status == ThreadStatus::Active);
+        sim.wait_snap("active", |s| {
+            s.thread(h.descriptor(), 1).unwrap().status == ThreadStatus::Active
+        });
     }
-    let serials: Vec<_> = hs.iter().map(|h| sim.thread(h.descriptor(), 1).serial).collect();
+    let serials: Vec<_> = hs
+        .iter()
+        .map(|h| sim.thread(h.descriptor(), 1).serial)
+        .collect();
     sim.registry.offline(1).unwrap();
     sim.clear_events();
     sim.registry.failed_offline(1).unwrap();
@@ -135,31 +162,50 @@ fn s10_failed_offline_unparks_the_same_threads_again() {
             _ => None,
         })
         .collect();
-    assert_eq!(unparks, hs.iter().rev().map(|h| h.descriptor()).collect::<Vec<_>>());
+    assert_eq!(
+        unparks,
+        hs.iter().rev().map(|h| h.descriptor()).collect::<Vec<_>>()
+    );
     for (h, serial) in hs.iter().zip(serials) {
-        sim.wait_snap("unparked", |s| s.thread(h.descriptor(), 1).unwrap().calls.unpark == 1);
+        sim.wait_snap("unparked", |s| {
+            s.thread(h.descriptor(), 1).unwrap().calls.unpark == 1
+        });
         assert_eq!(sim.thread(h.descriptor(), 1).serial, serial);
         kick(&work, h, 1);
     }
     // The same through a topology that refuses the offlining.
     sim.topo.refuse_next(1, false);
     let driver = CpuHotplug::new(&sim.registry, &sim.topo);
-    assert!(matches!(driver.take_down(1), Err(HotplugError::TakeDown { cpu: 1, .. })));
+    assert!(matches!(
+        driver.take_down(1),
+        Err(HotplugError::TakeDown { cpu: 1, .. })
+    ));
     assert_eq!(sim.registry.cpu_state(1).unwrap(), CpuState::Online);
-    sim.wait_snap("unparked twice", |s| s.thread(hs[0].descriptor(), 1).unwrap().calls.unpark == 2);
+    sim.wait_snap("unparked twice", |s| {
+        s.thread(hs[0].descriptor(), 1).unwrap().calls.unpark == 2
+    });
 }
 
 #[test]
 fn s11_forced_offline_parks_when_learned_and_is_reported() {
     let sim = Sim::new(4, &[0, 1, 2]);
     let (log, work) = (Log::new(), Work::new(4));
-    let h = sim.registry.register(&probe("a", &log, &work, Callbacks::ALL)).unwrap();
+    let h = sim
+        .registry
+        .register(&probe("a", &log, &work, Callbacks::ALL))
+        .unwrap();
     let id = h.descriptor();
-    sim.wait_snap("active", |s| s.thread(id, 2).unwrap().status == ThreadStatus::Active);
+    sim.wait_snap("active", |s| {
+        s.thread(id, 2).unwrap().status == ThreadStatus::Active
+    });
     // The CPU goes down on its own; the thread runs elsewhere meanwhile.
     sim.topo.force_offline(2).unwrap();
     kick(&work, &h, 2);
-    assert_ne!(sim.thread(id, 2).last_cpu, Some(2), "affinity should look broken");
+    assert_ne!(
+        sim.thread(id, 2).last_cpu,
+        Some(2),
+        "affinity should look broken"
+    );
     assert_eq!(log.count("a", 2, Cb::Park), 0);
     // The registry learns of it from the topology's event.
     let driver = CpuHotplug::new(&sim.registry, &sim.topo);
@@ -169,7 +215,9 @@ fn s11_forced_offline_parks_when_learned_and_is_reported() {
     };
     assert_eq!((report.cpu, report.previous), (2, CpuState::Online));
     assert_eq!(report.parked, vec![id]);
-    assert!(sim.events().contains(&RegistryEvent::ForcedOffline { cpu: 2, parked: 1 }));
+    assert!(sim
+        .events()
+        .contains(&RegistryEvent::ForcedOffline { cpu: 2, parked: 1 }));
     let s = sim.snap();
     assert_eq!(s.forced_offlines, 1);
     assert_eq!(s.cpu(2).unwrap().forced_offlines, 1);

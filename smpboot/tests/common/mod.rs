@@ -63,7 +63,11 @@ impl Log {
 
     /// (label, cpu) of every entry matching `cb`.
     pub fn calls(&self, cb: Cb) -> Vec<(&'static str, u32)> {
-        self.entries().iter().filter(|e| e.cb == cb).map(|e| (e.label, e.cpu)).collect()
+        self.entries()
+            .iter()
+            .filter(|e| e.cb == cb)
+            .map(|e| (e.label, e.cpu))
+            .collect()
     }
 
     /// Entries of one probe on one CPU, callbacks only.
@@ -157,7 +161,12 @@ impl Work {
 
 /// A descriptor named `label/%u` that logs every callback and does one
 /// unit of `work` per `thread_fn`.
-pub fn probe(label: &'static str, log: &Arc<Log>, work: &Arc<Work>, cbs: Callbacks) -> Arc<ThreadDescriptor> {
+pub fn probe(
+    label: &'static str,
+    log: &Arc<Log>,
+    work: &Arc<Work>,
+    cbs: Callbacks,
+) -> Arc<ThreadDescriptor> {
     let (w1, w2) = (Arc::clone(work), Arc::clone(work));
     let l2 = Arc::clone(log);
     let mut b = ThreadDescriptor::builder(
@@ -179,7 +188,8 @@ pub fn probe(label: &'static str, log: &Arc<Log>, work: &Arc<Work>, cbs: Callbac
             if cbs.setup && !w2.set_up[i].load(Ordering::SeqCst) {
                 w2.violations.fetch_add(1, Ordering::SeqCst);
             }
-            let _ = w2.pending[i].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| p.checked_sub(1));
+            let _ = w2.pending[i]
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| p.checked_sub(1));
             w2.done[i].fetch_add(1, Ordering::SeqCst);
             l2.push(label, cpu, Cb::ThreadFn);
             w2.inside[i].fetch_sub(1, Ordering::SeqCst);
@@ -237,7 +247,11 @@ impl Sim {
         Sim::with_spawner(possible, online, None)
     }
 
-    pub fn with_spawner(possible: u32, online: &[u32], spawner: Option<Arc<dyn ThreadSpawner>>) -> Sim {
+    pub fn with_spawner(
+        possible: u32,
+        online: &[u32],
+        spawner: Option<Arc<dyn ThreadSpawner>>,
+    ) -> Sim {
         let topo = SimTopology::new(possible, online.iter().copied());
         let events = Arc::new(Mutex::new(Vec::new()));
         let ev = Arc::clone(&events);
