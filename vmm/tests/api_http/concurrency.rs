@@ -22,6 +22,15 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0 % n
     }
+
+    fn id(&mut self, n: u32) -> u32 {
+        u32::try_from(self.below(u64::from(n))).unwrap()
+    }
+
+    fn index(&mut self, len: usize) -> usize {
+        let len = u64::try_from(len.max(1)).unwrap();
+        usize::try_from(self.below(len)).unwrap()
+    }
 }
 
 fn check_list(list: &VcpuList) {
@@ -82,20 +91,11 @@ fn client_loop(c: &BlockingClient, seed: u64) -> u64 {
                 let vm = c.vm().unwrap();
                 assert!(vm.present_vcpus >= 1 && vm.present_vcpus <= MAX);
             }
-            2 => check_mutation(
-                c.resize(rng.below(u64::from(MAX) + 2) as u32, wait),
-                &mut ops,
-            ),
-            3 => check_mutation(
-                c.add_vcpu(rng.below(u64::from(MAX) + 1) as u32, wait),
-                &mut ops,
-            ),
-            4 => check_mutation(
-                c.remove_vcpu(rng.below(u64::from(MAX) + 1) as u32, wait),
-                &mut ops,
-            ),
+            2 => check_mutation(c.resize(rng.id(MAX + 2), wait), &mut ops),
+            3 => check_mutation(c.add_vcpu(rng.id(MAX + 1), wait), &mut ops),
+            4 => check_mutation(c.remove_vcpu(rng.id(MAX + 1), wait), &mut ops),
             5 => {
-                if let Some(&id) = ops.iter().nth(rng.below(ops.len().max(1) as u64) as usize) {
+                if let Some(&id) = ops.iter().nth(rng.index(ops.len())) {
                     match c.operation(id) {
                         Ok(op) => assert_eq!(op.id, id),
                         Err(ClientError::Api { error, .. }) => {
