@@ -7,7 +7,7 @@
 //! Device (\_SB.COM2) { PNP0501, IO 0x2F8/8, Interrupt {3} }
 //! Device (\_SB.GED_) {
 //!   Name (_HID, "ACPI0013")
-//!   Name (_CRS, { Memory32Fixed (GED_MMIO_BASE), Interrupt (Consumer, Edge, ActiveHigh, Exclusive) {GED_GSI} })
+//!   Name (_CRS, { Interrupt (Consumer, Edge, ActiveHigh, Exclusive) {GED_GSI} })  // interrupts only: Linux rejects others
 //!   OperationRegion (GDST, SystemMemory, GED_MMIO_BASE, 4)
 //!   Field (GDST, DWordAcc, NoLock, WriteAsZeros) { GDAT, 32 }
 //!   Method (_EVT, 1, Serialized) {
@@ -25,7 +25,7 @@
 
 use acpi_tables::aml::{
     And, Device, EISAName, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If,
-    Interrupt, Local, Memory32Fixed, Method, MethodCall, Name, OpRegion, OpRegionSpace, Package,
+    Interrupt, Local, Method, MethodCall, Name, OpRegion, OpRegionSpace, Package,
     Path, ResourceTemplate, Store, IO, ZERO,
 };
 use acpi_tables::sdt::Sdt;
@@ -71,13 +71,11 @@ fn uart(sink: &mut Vec<u8>, path: &str, uid: u8, port: u16, gsi: u32) {
 
 /// The Generic Event Device.
 fn ged(sink: &mut Vec<u8>) {
-    let mmio = Memory32Fixed::new(
-        true,
-        low32(layout::GED_MMIO_BASE),
-        low32(layout::GED_MMIO_SIZE),
-    );
+    // Linux's GED driver walks _CRS and rejects anything but interrupts
+    // ("unable to parse IRQ resource"): the register is reached through
+    // the OperationRegion below, not through _CRS.
     let irq = Interrupt::new(true, true, false, false, layout::GED_GSI);
-    let crs = ResourceTemplate::new(vec![&mmio, &irq]);
+    let crs = ResourceTemplate::new(vec![&irq]);
     let base = layout::GED_MMIO_BASE;
     let region = OpRegion::new(
         "GDST".into(),
