@@ -15,6 +15,33 @@
 //! a mutation with [`plan`], which encodes the API's rules (lowest absent
 //! ids are added, highest present ones removed, vCPU 0 stays, repeating a
 //! request in flight is not an error).
+//!
+//! ```
+//! use api::VcpuState;
+//! use vmm::control::{self, Action, OperationTable, Reply};
+//!
+//! let (sender, receiver) = control::channel().unwrap();
+//! let (mut states, mut table) = (vec![VcpuState::Present, VcpuState::Absent], OperationTable::new());
+//! let _answer = sender.send(Action::AddVcpu(1)).unwrap(); // on the API thread
+//! // VMM thread, when `receiver.wake_fd()` is readable:
+//! for request in receiver.drain() {
+//!     let reply = match control::plan(request.action, &states) {
+//!         Some(Ok(plan)) => {
+//!             let mutation = table.track(&plan);
+//!             plan.add.iter().for_each(|&id| states[id as usize] = VcpuState::Adding);
+//!             plan.remove.iter().for_each(|&id| states[id as usize] = VcpuState::Removing);
+//!             Reply::Mutation(mutation) // then start the hot-adds and removals
+//!         }
+//!         Some(Err(error)) => Reply::Error(error),
+//!         None => table.reply(0), // GetVm, GetVcpus, ... answered from VMM state
+//!     };
+//!     request.respond(reply);
+//! }
+//! // Later the guest has vCPU 1 online: every operation waiting for it advances.
+//! states[1] = VcpuState::Present;
+//! table.vcpu_done(1);
+//! assert!(table.running().is_empty());
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::mpsc;

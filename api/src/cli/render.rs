@@ -91,6 +91,7 @@ pub(super) fn outcome(outcome: &MutationOutcome) -> String {
             }
             _ => format!("nothing to do (operation {})\n", op.id),
         },
+        MutationOutcome::Accepted(op) if op.status.is_finished() => operation(op),
         MutationOutcome::Accepted(op) => format!(
             "operation {} started: {} (vCPUs {}); follow it with `vmmctl operation {}`\n",
             op.id,
@@ -195,6 +196,12 @@ mod tests {
         assert!(
             started.starts_with("operation 4 started: resize to 3 (vCPUs 1, 2)"),
             "{started}"
+        );
+        // Accepted, but finished by the time the server answered.
+        let quick = outcome(&MutationOutcome::Accepted(op(OperationStatus::Succeeded)));
+        assert!(
+            quick.starts_with("operation 4: resize to 3: succeeded"),
+            "{quick}"
         );
         let mut noop = op(OperationStatus::Succeeded);
         noop.vcpus.clear();

@@ -26,7 +26,7 @@ mod operations;
 mod parse;
 mod response;
 mod router;
-pub mod socket;
+mod socket;
 mod vcpus;
 mod vm;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use api::routes::{MAX_BODY_BYTES, MAX_WAIT_SECONDS};
 use api::{ApiError, ErrorCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::Method;
@@ -185,25 +185,58 @@ pub(super) fn id<T: std::str::FromStr>(what: &'static str, text: &str) -> Result
     })
 }
 
+/// How much of an over-cap body is read and thrown away before answering
+/// 413, so that a client still writing it sees the answer rather than a
+/// broken pipe. Bigger bodies are cut off (the connection closes).
+const DRAIN_BYTES: u64 = 1 << 20;
+
+/// How long draining an over-cap body may take.
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
 /// Read the whole body, refusing more than [`MAX_BODY_BYTES`].
-pub(super) async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, RequestError> {
+pub(super) async fn read_body(
+    headers: &HeaderMap,
+    mut body: Incoming,
+) -> Result<Bytes, RequestError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+    let cap = MAX_BODY_BYTES as u64;
+    if let Some(declared) = declared.filter(|n| *n > cap) {
+        if declared <= DRAIN_BYTES {
+            drain(body, 0).await;
+        }
         return Err(RequestError::TooLarge);
     }
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(RequestError::TooLarge)
+    let mut data = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| RequestError::ReadBody)?;
+        if let Ok(chunk) = frame.into_data() {
+            data.extend_from_slice(&chunk);
+            if data.len() > MAX_BODY_BYTES {
+                drain(body, data.len() as u64).await;
+                return Err(RequestError::TooLarge);
+            }
         }
-        Err(_) => Err(RequestError::ReadBody),
     }
+    Ok(Bytes::from(data))
+}
+
+/// Read and discard the rest of `body`, up to [`DRAIN_BYTES`] in all and
+/// [`DRAIN_TIME`].
+async fn drain(mut body: Incoming, mut seen: u64) {
+    let reading = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(chunk) = frame.into_data() {
+                seen += chunk.len() as u64;
+                if seen > DRAIN_BYTES {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, reading).await;
 }
 
 /// The `Content-Type` header as text (lossy when not visible ASCII).

@@ -20,7 +20,8 @@ fn present(h: &Harness) -> Vec<u32> {
 
 #[test]
 fn resize_adds_lowest_and_removes_highest_then_is_idempotent() {
-    let h = Harness::start(Settle::After(Duration::from_millis(20)));
+    // Slow enough that the repeated request below finds it in flight.
+    let h = Harness::start(Settle::After(Duration::from_millis(300)));
     let c = h.blocking();
     let grow = c.resize(5, None).unwrap();
     let MutationOutcome::Accepted(op) = grow else {

@@ -68,6 +68,8 @@ fn mutations_human_and_json() {
     );
     let run = vmmctl(&h, &["resize", "4"]);
     assert_eq!(run.out, "nothing to do: 4 vCPUs already present\n");
+    // The guest holds changes back, so they are reported as started.
+    h.set_settle(Settle::Never);
     let run = vmmctl(&h, &["--json", "add", "6"]);
     assert_eq!(run.code, EXIT_OK);
     let op: Operation = serde_json::from_str(&run.out).unwrap();
@@ -83,6 +85,8 @@ fn mutations_human_and_json() {
         "{}",
         run.out
     );
+    h.fake.settle_all();
+    h.set_settle(Settle::After(Duration::from_millis(10)));
     let run = vmmctl(&h, &["remove", "3", "-w", "5"]);
     assert!(run.out.contains("remove vCPU 3: succeeded"), "{}", run.out);
     let run = vmmctl(&h, &["operation", "1"]);
