@@ -75,3 +75,29 @@ fn non_socket_is_refused_and_left_alone() {
     let missing_dir = scratch.0.join("no/such/dir/api.sock");
     assert!(start_at(&missing_dir).is_err());
 }
+
+#[test]
+fn shutdown_is_bounded_with_a_wait_in_flight() {
+    let mut h = Harness::start(Settle::Never);
+    let socket = h.socket.clone();
+    let waiter = std::thread::spawn(move || {
+        let c = api::client::BlockingClient::new(socket).unwrap();
+        c.add_vcpu(5, Some(Duration::from_secs(60)))
+    });
+    // Let the request reach the server and start waiting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.fake.lock().table.running().is_empty() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let started = std::time::Instant::now();
+    h.server.take().unwrap().shutdown().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!h.socket.exists());
+    // The waiting client is cut off rather than left hanging.
+    assert!(waiter.join().unwrap().is_err());
+}
