@@ -76,6 +76,13 @@ impl VmSpec {
         self
     }
 
+    /// Bounds the whole run (inside the emulated host: the VMM is killed
+    /// after it, with a dump of its threads).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// The VMM's arguments after the binary, with the given paths.
     pub fn vmm_args(&self, kernel: &str, initramfs: &str, cmdline: &str, api: &str) -> Vec<String> {
         let mut cmdline = cmdline.to_string();

@@ -73,9 +73,6 @@ fn report(e: &Error) -> String {
     s
 }
 
-#[allow(dead_code)]
-fn unused(_: SelectError) {}
-
 #[test]
 fn testhost_api_forward() {
     if !emulated_available() {
@@ -137,4 +134,63 @@ fn testhost_api_forward() {
     drop(vm);
     assert!(!sock.exists(), "forwarded socket left behind");
     timed("testhost_api_forward", start);
+}
+
+/// `GUEST-READY nproc=2 online=0-1 ...` -> ("2", "0-1").
+fn ready_fields(line: &str) -> (Option<&str>, Option<&str>) {
+    (
+        e2e::job::field(line, "nproc"),
+        e2e::job::field(line, "online"),
+    )
+}
+
+#[test]
+fn boot() {
+    let spec = e2e::VmSpec::new(2, 8)
+        // `quiet` (console loglevel 4) hides pr_info lines such as
+        // "Allowing 8 CPUs, 6 hotplug CPUs"; loglevel=7 shows info but not
+        // debug (8). Costs ~15 ms per console line inside the emulated host.
+        .cmdline("loglevel=7 agent.poweroff=ready")
+        // Inside the emulated host the job is killed after this, with a
+        // dump of the VMM's threads (TESTHOST-DIAG) when it hangs.
+        .timeout(Duration::from_secs(180));
+    let start = Instant::now();
+    let result = e2e::run(&spec, |vm| {
+        println!("host: {}", vm.host_kind());
+        if let Some(t) = vm.host_timings() {
+            println!(
+                "E2E-TIME testhost_ready_ms={} modules_ms={:?}",
+                t.to_ready.as_millis(),
+                t.modules.map(|d| d.as_millis())
+            );
+        }
+        let mark = vm.console_mark();
+        let allowing = vm.wait_for_console("Allowing 8 CPUs", Duration::from_secs(120))?;
+        if !allowing.contains("Allowing 8 CPUs, 6 hotplug CPUs") {
+            return Err(format!("unexpected possible-CPU line: {allowing}").into());
+        }
+        let (_, ready) =
+            vm.wait_for_console_after(mark, "GUEST-READY", Duration::from_secs(180))?;
+        let at = vm
+            .console()
+            .lines()
+            .iter()
+            .find(|l| l.text.contains("GUEST-READY"))
+            .map(|l| l.at.as_millis());
+        println!("E2E-TIME guest_ready_since_launch_ms={at:?}");
+        let (nproc, online) = ready_fields(ready.split_once("GUEST-READY").map_or("", |x| x.1));
+        if (nproc, online) != (Some("2"), Some("0-1")) {
+            return Err(format!("guest not ready with 2 CPUs online: {ready}").into());
+        }
+        let status = vm.wait_exit(Duration::from_secs(240))?;
+        if status != 0 {
+            return Err(format!("VMM exited with status {status}").into());
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => timed("boot", start),
+        Err(Error::Select(SelectError::Unavailable(why))) => skip(&why),
+        Err(e) => panic!("boot failed: {}", report(&e)),
+    }
 }

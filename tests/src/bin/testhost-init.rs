@@ -238,6 +238,7 @@ fn run_job(job: &Job) -> Result<ExitStatus> {
             return Ok(status);
         }
         if Instant::now() >= deadline {
+            dump_threads(child.id());
             let _ = child.kill();
             let _ = child.wait();
             bail!(
@@ -246,5 +247,33 @@ fn run_job(job: &Job) -> Result<ExitStatus> {
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Prints the state and kernel stack of every thread of `pid` (why a job
+/// hangs: e.g. a vCPU thread stuck in KVM_RUN, or the process stuck in
+/// VM teardown).
+fn dump_threads(pid: u32) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        say(&format!(
+            "TESTHOST-DIAG tid={} comm={} state={state} wchan={}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim()
+        ));
+        for frame in read("stack").lines().take(12) {
+            say(&format!("TESTHOST-DIAG   {frame}"));
+        }
     }
 }
