@@ -175,8 +175,14 @@ mod tests {
                 Err(BusError::Overlap { .. })
             ));
         }
-        assert!(bus.insert(0x110, 0, Arc::new(Mutex::new(Reg::default()))).is_err());
-        assert!(bus.insert(u64::MAX, 2, Arc::new(Mutex::new(Reg::default()))).is_err());
-        assert!(bus.insert(0x110, 1, Arc::new(Mutex::new(Reg::default()))).is_ok());
+        assert!(bus
+            .insert(0x110, 0, Arc::new(Mutex::new(Reg::default())))
+            .is_err());
+        assert!(bus
+            .insert(u64::MAX, 2, Arc::new(Mutex::new(Reg::default())))
+            .is_err());
+        assert!(bus
+            .insert(0x110, 1, Arc::new(Mutex::new(Reg::default())))
+            .is_ok());
     }
 }

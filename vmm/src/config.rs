@@ -140,11 +140,27 @@ mod tests {
         assert_eq!("max=8, boot=1".parse(), Ok(CpusConfig { boot: 1, max: 8 }));
         assert_eq!("4".parse(), Ok(CpusConfig { boot: 4, max: 4 }));
         assert_eq!("boot=3".parse(), Ok(CpusConfig { boot: 3, max: 3 }));
-        for bad in ["", "boot=x", "max=4", "boot=1,boot=2", "cpus=2", "boot=2,max=8,x=1"] {
-            assert!(matches!(bad.parse::<CpusConfig>(), Err(ConfigError::CpusSyntax(_))), "{bad}");
+        for bad in [
+            "",
+            "boot=x",
+            "max=4",
+            "boot=1,boot=2",
+            "cpus=2",
+            "boot=2,max=8,x=1",
+        ] {
+            assert!(
+                matches!(bad.parse::<CpusConfig>(), Err(ConfigError::CpusSyntax(_))),
+                "{bad}"
+            );
         }
         for bad in ["boot=0,max=2", "boot=3,max=2", "boot=1,max=255", "0"] {
-            assert!(matches!(bad.parse::<CpusConfig>(), Err(ConfigError::CpusRange { .. })), "{bad}");
+            assert!(
+                matches!(
+                    bad.parse::<CpusConfig>(),
+                    Err(ConfigError::CpusRange { .. })
+                ),
+                "{bad}"
+            );
         }
     }
 
@@ -163,7 +179,10 @@ mod tests {
     fn serial_output() {
         assert_eq!("stdout".parse(), Ok(SerialOutput::Stdout));
         assert_eq!("off".parse(), Ok(SerialOutput::Off));
-        assert_eq!("file:/tmp/c".parse(), Ok(SerialOutput::File("/tmp/c".into())));
+        assert_eq!(
+            "file:/tmp/c".parse(),
+            Ok(SerialOutput::File("/tmp/c".into()))
+        );
         assert!("file:".parse::<SerialOutput>().is_err());
         assert!("tty".parse::<SerialOutput>().is_err());
     }

@@ -350,6 +350,21 @@ impl CpuManager {
         Ok(true)
     }
 
+    /// Completes a hot-add without knowing the guest's CPU state (no
+    /// agent): the guest's ACPI scan acknowledged the insertion. Returns
+    /// true when this confirms an add.
+    pub fn confirm_add(&mut self, id: u32) -> bool {
+        match self.slot_mut(id) {
+            Ok(slot) if slot.state == VcpuState::Adding => {
+                slot.state = VcpuState::Present;
+                self.counters.hot_adds += 1;
+                log::info!("vCPU {id}: added (insertion acknowledged; no agent to confirm online)");
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The guest reported `id` online or offline. Returns true when this
     /// confirms a hot-add.
     pub fn on_guest_online(&mut self, id: u32, online: bool) -> bool {

@@ -10,9 +10,16 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
+use std::sync::Arc as StdArc;
+
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::api_server::{self, ApiMetrics, ApiServerHandle};
 use crate::config::VmConfig;
+use crate::control::{self, ControlReceiver};
 use crate::cpu_manager::CpuManager;
 use crate::events::{EventSender, VmEvent};
+use crate::hotplug::{Hotplug, VmFacts};
 use crate::vcpu::VcpuContext;
 use crate::vm::{Vm, VmError};
 
@@ -56,6 +63,12 @@ pub enum RunError {
     /// Creating an eventfd or the event queue failed.
     #[error("cannot create the VMM's event queue")]
     Io(#[from] std::io::Error),
+    /// The control channel to the API could not be created.
+    #[error("cannot create the control channel")]
+    Control(#[from] control::ControlError),
+    /// The API server could not start.
+    #[error("cannot start the API server")]
+    Api(#[from] api_server::ApiServerError),
 }
 
 static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
@@ -84,10 +97,13 @@ fn install_terminate_handler(evt: &EventFd) {
 /// The state the event loop works on.
 pub struct Vmm {
     vm: Vm,
-    cpus: CpuManager,
+    hotplug: Hotplug,
     events: Receiver<VmEvent>,
     events_wake: Arc<EventFd>,
     terminate: EventFd,
+    control: ControlReceiver,
+    api: Option<ApiServerHandle>,
+    deadlines: TimerFd,
     exit: Option<ExitReason>,
 }
 
@@ -118,6 +134,23 @@ impl Vmm {
             vm.devices.ged.clone(),
         );
         cpus.boot(cfg.cpus.boot, &vm.mem, &vm.boot_entry)?;
+        let hotplug = Hotplug::new(
+            cpus,
+            VmFacts {
+                boot_vcpus: cfg.cpus.boot,
+                memory_mib: cfg.memory >> 20,
+            },
+        );
+        let (control_tx, control) = control::channel()?;
+        let api = match &cfg.api_socket {
+            Some(path) => {
+                let handle =
+                    api_server::start(path, control_tx, StdArc::new(ApiMetrics::default()))?;
+                log::info!("API listening on {}", path.display());
+                Some(handle)
+            }
+            None => None,
+        };
         log::info!(
             "VM started: {} of {} vCPUs, {} MiB",
             cfg.cpus.boot,
@@ -128,10 +161,13 @@ impl Vmm {
         install_terminate_handler(&terminate);
         Ok(Self {
             vm,
-            cpus,
+            hotplug,
             events,
             events_wake,
             terminate,
+            control,
+            api,
+            deadlines: TimerFd::new().map_err(|e| RunError::Io(e.into()))?,
             exit: None,
         })
     }
@@ -144,14 +180,32 @@ impl Vmm {
                 log::error!("vCPU {vcpu} failed: {reason}");
                 self.finish(ExitReason::GuestFailed(format!("vCPU {vcpu}: {reason}")));
             }
-            VmEvent::Ejected(id) => {
-                if let Err(e) = self.cpus.on_ejected(id) {
-                    log::error!("vCPU {id}: removal failed: {e}");
-                }
-            }
-            VmEvent::InsertAcked(id) => {
-                log::debug!("vCPU {id}: guest acknowledged the insertion");
-            }
+            VmEvent::Ejected(id) => self.hotplug.on_ejected(id),
+            VmEvent::InsertAcked(id) => self.hotplug.on_insert_acked(id),
+        }
+        self.arm_deadlines();
+    }
+
+    fn handle_control(&mut self) {
+        let _ = self.control.wake_fd().read();
+        let requests: Vec<_> = self.control.drain().collect();
+        for request in requests {
+            let reply = self.hotplug.handle(request.action);
+            request.respond(reply);
+        }
+        self.arm_deadlines();
+    }
+
+    fn arm_deadlines(&mut self) {
+        let next = self.hotplug.check_deadlines();
+        let armed = match next {
+            Some(d) => self
+                .deadlines
+                .reset(d.max(std::time::Duration::from_millis(1)), None),
+            None => self.deadlines.clear(),
+        };
+        if let Err(e) = armed {
+            log::error!("cannot arm the hotplug deadline timer: {e}");
         }
     }
 
@@ -169,15 +223,25 @@ impl Vmm {
             EventManager::new().map_err(RunError::EventLoop)?;
         manager.add_subscriber(vmm.clone());
         loop {
-            if let Some(reason) = crate::bus::lock(&vmm).exit.clone() {
-                let mut v = crate::bus::lock(&vmm);
-                let stuck = v.cpus.shutdown();
-                if !stuck.is_empty() {
+            let mut v = crate::bus::lock(&vmm);
+            if let Some(reason) = v.exit.clone() {
+                v.hotplug.stop();
+                if let Some(api) = v.api.take() {
+                    if let Err(e) = api.shutdown() {
+                        log::warn!("API server shutdown: {e}");
+                    }
+                }
+                let t = std::time::Instant::now();
+                let stuck = v.hotplug.cpus_mut().shutdown();
+                if stuck.is_empty() {
+                    log::debug!("all vCPU threads joined in {:?}", t.elapsed());
+                } else {
                     log::warn!("vCPUs {stuck:?} did not stop in time");
                 }
                 v.vm.devices.flush_console();
                 return Ok(reason);
             }
+            drop(v);
             manager.run().map_err(RunError::EventLoop)?;
         }
     }
@@ -185,6 +249,8 @@ impl Vmm {
 
 const TAG_EVENTS: u32 = 1;
 const TAG_TERMINATE: u32 = 2;
+const TAG_CONTROL: u32 = 3;
+const TAG_DEADLINES: u32 = 4;
 
 impl MutEventSubscriber for Vmm {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
@@ -199,6 +265,11 @@ impl MutEventSubscriber for Vmm {
                 let _ = self.terminate.read();
                 self.finish(ExitReason::Signalled);
             }
+            TAG_CONTROL => self.handle_control(),
+            TAG_DEADLINES => {
+                let _ = self.deadlines.wait();
+                self.arm_deadlines();
+            }
             _ => {}
         }
     }
@@ -207,6 +278,8 @@ impl MutEventSubscriber for Vmm {
         for (fd, tag) in [
             (self.events_wake.as_raw_fd(), TAG_EVENTS),
             (self.terminate.as_raw_fd(), TAG_TERMINATE),
+            (self.control.wake_fd().as_raw_fd(), TAG_CONTROL),
+            (self.deadlines.as_raw_fd(), TAG_DEADLINES),
         ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, tag, EventSet::IN)) {
                 log::error!("cannot watch fd {fd}: {e:?}");

@@ -27,7 +27,9 @@ pub enum KvmFlavor {
 #[derive(Debug, thiserror::Error)]
 pub enum KvmCheckError {
     /// No device node.
-    #[error("{0} does not exist: load the kvm module (kvm_intel or kvm_amd) or run on a host with KVM")]
+    #[error(
+        "{0} does not exist: load the kvm module (kvm_intel or kvm_amd) or run on a host with KVM"
+    )]
     Missing(String),
     /// No permission.
     #[error("no permission to open {0}: run as root or add this user to the kvm group")]

@@ -26,6 +26,7 @@ pub mod cpu_manager;
 pub mod devices;
 pub mod event_loop;
 pub mod events;
+pub mod hotplug;
 pub mod kvm_check;
 pub mod layout;
 pub mod memory;

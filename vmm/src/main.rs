@@ -119,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     let vmm = Vmm::start(&cfg)?;
     let reason = vmm.run()?;
+    log::debug!("exiting with status {}", reason.exit_code());
     Ok(reason.exit_code())
 }
 

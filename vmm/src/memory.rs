@@ -115,7 +115,10 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
     Ok(())
 }
 
-fn set_memory_region(vm: &VmFd, desc: kvm_userspace_memory_region) -> Result<(), kvm_ioctls::Error> {
+fn set_memory_region(
+    vm: &VmFd,
+    desc: kvm_userspace_memory_region,
+) -> Result<(), kvm_ioctls::Error> {
     // SAFETY: the host range belongs to a GuestMemoryMmap region that the
     // VMM keeps mapped for the whole life of the VM (the Vm owns it and
     // drops it only after the VM fd), and regions never overlap.
@@ -132,7 +135,14 @@ mod tests {
         assert_eq!(ram_ranges(size), vec![(GuestAddress(0), size)]);
         let map = e820_map(size);
         assert_eq!(map.len(), 2);
-        assert_eq!(map[0], E820Entry { addr: 0, size: EBDA_START, kind: E820Kind::Ram });
+        assert_eq!(
+            map[0],
+            E820Entry {
+                addr: 0,
+                size: EBDA_START,
+                kind: E820Kind::Ram
+            }
+        );
         assert_eq!(map[1].addr, HIMEM_START);
         assert_eq!(map[1].addr + map[1].size, size);
     }

@@ -28,13 +28,13 @@ impl BusDevice for Recorder {
     }
 }
 
-const PORT: u16 = 0x10;
+const PORT: u8 = 0x10;
 const CODE: u64 = 0x1000;
 
 /// Per vCPU `n`: `mov al, n; out PORT, al; in al, PORT; out PORT, al; hlt; jmp hlt`.
 fn program(n: u8) -> Vec<u8> {
     vec![
-        0xb0, n, 0xe6, PORT as u8, 0xe4, PORT as u8, 0xe6, PORT as u8, 0xf4, 0xeb, 0xfd,
+        0xb0, n, 0xe6, PORT, 0xe4, PORT, 0xe6, PORT, 0xf4, 0xeb, 0xfd,
     ]
 }
 

@@ -25,14 +25,14 @@
 
 use acpi_tables::aml::{
     And, Device, EISAName, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If,
-    Interrupt, Local, Method, MethodCall, Name, OpRegion, OpRegionSpace, Package,
-    Path, ResourceTemplate, Store, IO, ZERO,
+    Interrupt, Local, Method, MethodCall, Name, OpRegion, OpRegionSpace, Package, Path,
+    ResourceTemplate, Store, IO, ZERO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
 use super::cpu_aml::{ProcessorContainer, SCAN_METHOD};
-use super::{low32, oem_table_id, OEM_ID};
+use super::{oem_table_id, OEM_ID};
 use crate::devices::{ged, power};
 use crate::layout;
 

@@ -196,7 +196,10 @@ fn iasl_accepts_every_table_for_8_vcpus() {
         assert_has(dsdt, "DSDT", needle);
     }
     // Linux's GED driver fails its probe on any non-interrupt _CRS entry.
-    assert!(!dsdt.contains("Memory32Fixed"), "GED _CRS must hold only its interrupt");
+    assert!(
+        !dsdt.contains("Memory32Fixed"),
+        "GED _CRS must hold only its interrupt"
+    );
     for id in 0..8 {
         assert_has(dsdt, "DSDT", &format!("Device (C00{id})"));
     }

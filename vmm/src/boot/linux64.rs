@@ -102,6 +102,9 @@ mod tests {
         let e0 = p.e820_table[0];
         let e1 = p.e820_table[1];
         assert_eq!((e0.addr, e0.size, e0.r#type), (0, EBDA_START, 1));
-        assert_eq!((e1.addr, e1.size, e1.r#type), (HIMEM_START, (256 << 20) - HIMEM_START, 1));
+        assert_eq!(
+            (e1.addr, e1.size, e1.r#type),
+            (HIMEM_START, (256 << 20) - HIMEM_START, 1)
+        );
     }
 }

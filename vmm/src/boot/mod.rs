@@ -145,17 +145,17 @@ pub fn load(
                 0x37ff_ffff
             };
             let initrd = match &spec.initramfs {
-                Some(p) => Some(load_initramfs(mem, p, mem_size, loaded.kernel_end, max_addr)?),
+                Some(p) => Some(load_initramfs(
+                    mem,
+                    p,
+                    mem_size,
+                    loaded.kernel_end,
+                    max_addr,
+                )?),
                 None => None,
             };
-            let boot_info = linux64::write_boot_params(
-                mem,
-                header,
-                cmdline_len,
-                initrd,
-                mem_size,
-                rsdp,
-            )?;
+            let boot_info =
+                linux64::write_boot_params(mem, header, cmdline_len, initrd, mem_size, rsdp)?;
             Ok(BootEntry {
                 mode: EntryMode::Linux64,
                 entry: loaded.kernel_load.0 + 0x200,
@@ -205,7 +205,9 @@ fn load_initramfs(
 ) -> Result<InitramfsPlacement, BootError> {
     let data = std::fs::read(path).map_err(|e| BootError::Read(path.to_owned(), e))?;
     let size = data.len() as u64;
-    let top = mem_size.min(MMIO_HOLE_START).min(max_addr.saturating_add(1));
+    let top = mem_size
+        .min(MMIO_HOLE_START)
+        .min(max_addr.saturating_add(1));
     let addr = placement(top, size, kernel_end).ok_or(BootError::InitramfsTooLarge(size))?;
     mem.write_slice(&data, GuestAddress(addr))
         .map_err(|e| BootError::Write("initramfs", e))?;
@@ -226,8 +228,14 @@ mod tests {
 
     #[test]
     fn initramfs_goes_to_the_top_of_low_memory_page_aligned() {
-        assert_eq!(placement(0x1000_0000, 0x1800, 0x200_0000), Some(0x0fff_e000));
-        assert_eq!(placement(0x1000_0000, 0x1000, 0x200_0000), Some(0x0fff_f000));
+        assert_eq!(
+            placement(0x1000_0000, 0x1800, 0x200_0000),
+            Some(0x0fff_e000)
+        );
+        assert_eq!(
+            placement(0x1000_0000, 0x1000, 0x200_0000),
+            Some(0x0fff_f000)
+        );
         assert_eq!(placement(0x300_0000, 0x200_0000, 0x200_0000), None);
         assert_eq!(placement(0x1000, 0x2000, 0), None);
     }
@@ -237,7 +245,10 @@ mod tests {
         let p = std::env::temp_dir().join(format!("notakernel-{}", std::process::id()));
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
         let mut f = File::open(&p).unwrap();
-        assert!(matches!(detect_format(&p, &mut f), Err(BootError::UnknownFormat(_))));
+        assert!(matches!(
+            detect_format(&p, &mut f),
+            Err(BootError::UnknownFormat(_))
+        ));
         std::fs::write(&p, b"\x7fELFxxxx").unwrap();
         let mut f = File::open(&p).unwrap();
         assert_eq!(detect_format(&p, &mut f).unwrap(), Format::Elf);

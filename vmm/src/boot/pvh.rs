@@ -21,7 +21,11 @@ pub fn build_start_info(
     initrd: Option<InitramfsPlacement>,
     mem_size: u64,
     rsdp: GuestAddress,
-) -> (hvm_start_info, Vec<hvm_memmap_table_entry>, Vec<hvm_modlist_entry>) {
+) -> (
+    hvm_start_info,
+    Vec<hvm_memmap_table_entry>,
+    Vec<hvm_modlist_entry>,
+) {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(mem_size)
         .iter()
         .map(|e| hvm_memmap_table_entry {

@@ -29,7 +29,9 @@ pub struct SerialDevice<W: Write + Send> {
 
 impl<W: Write + Send> std::fmt::Debug for SerialDevice<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SerialDevice").field("errors", &self.errors).finish()
+        f.debug_struct("SerialDevice")
+            .field("errors", &self.errors)
+            .finish()
     }
 }
 

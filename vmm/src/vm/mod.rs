@@ -95,7 +95,7 @@ impl Vm {
         let fd = kvm
             .create_vm()
             .map_err(|e| VmError::Setup("create the VM", e))?;
-        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        fd.set_tss_address(usize::try_from(layout::KVM_TSS_ADDRESS).unwrap_or(usize::MAX))
             .map_err(|e| VmError::Setup("set the TSS address", e))?;
         fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
             .map_err(|e| VmError::Setup("set the identity map address", e))?;

@@ -159,7 +159,11 @@ mod tests {
             let c = for_vcpu(&base, id, 8);
             let l1 = find(&c, 1, 0);
             assert_eq!(l1.ebx >> 24, id);
-            assert_eq!((l1.ebx >> 16) & 0xff, 8, "logical processor count = max vCPUs");
+            assert_eq!(
+                (l1.ebx >> 16) & 0xff,
+                8,
+                "logical processor count = max vCPUs"
+            );
             assert_eq!(l1.ebx & 0xffff, 0x0800, "low half kept");
             assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
             for sub in 0..3 {

@@ -225,7 +225,10 @@ mod tests {
         assert_eq!(gdt_entry(0xc093, 0, 0xfffff), 0x00cf_9300_0000_ffff);
         assert_eq!(gdt_entry(0x808b, 0, 0xfffff), 0x008f_8b00_0000_ffff);
         let cs = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.type_, cs.present), (8, 1, 0, 0xb, 1));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.type_, cs.present),
+            (8, 1, 0, 0xb, 1)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let cs32 = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), 1);
         assert_eq!((cs32.l, cs32.db), (0, 1));
