@@ -194,3 +194,41 @@ fn boot() {
         Err(e) => panic!("boot failed: {}", report(&e)),
     }
 }
+
+/// The VMM's API, reached through the forwarded socket with our client and
+/// with curl, unchanged.
+#[test]
+fn api_reaches_the_vmm() {
+    let spec = e2e::VmSpec::new(1, 4).timeout(Duration::from_secs(180));
+    let start = Instant::now();
+    let result = e2e::run(&spec, |vm| {
+        vm.wait_for_console("GUEST-READY", Duration::from_secs(150))?;
+        let client = api::client::BlockingClient::new(vm.api_socket())?;
+        let t = Instant::now();
+        let info = client.vm()?;
+        println!("E2E-TIME api_get_vm_ms={}", t.elapsed().as_millis());
+        if (info.boot_vcpus, info.max_vcpus, info.memory_mib) != (1, 4, 256) {
+            return Err(format!("unexpected VM info: {info:?}").into());
+        }
+        match e2e::host::find_in_path("curl") {
+            Some(curl) => {
+                let out = std::process::Command::new(curl)
+                    .args(["-sS", "--max-time", "30", "--unix-socket"])
+                    .arg(vm.api_socket())
+                    .arg("http://localhost/api/v1/vm")
+                    .output()?;
+                let body = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() || !body.contains("\"max_vcpus\":4") {
+                    return Err(format!("curl: {:?} {body}", out.status).into());
+                }
+            }
+            None => println!("curl not installed: checked with our client only"),
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => timed("api_reaches_the_vmm", start),
+        Err(Error::Select(SelectError::Unavailable(why))) => skip(&why),
+        Err(e) => panic!("API check failed: {}", report(&e)),
+    }
+}
