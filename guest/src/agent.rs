@@ -10,6 +10,7 @@
 //! - `GUEST-READY nproc=2 online=0-1 present=0-1 possible=0-7 up=1.52`
 //! - `GUEST-CPU online=0-2` when the online set changed
 //! - `GUEST-ERROR ...` when something failed but the agent goes on
+//! - `GUEST-TRACE up=12.34 ...` per CPU event with `agent.trace`
 //! - `GUEST-POWEROFF ...` / `GUEST-FATAL ...` on the way out
 
 use std::io;
@@ -63,6 +64,11 @@ pub struct Agent {
 fn uptime() -> Option<String> {
     let text = std::fs::read_to_string("/proc/uptime").ok()?;
     text.split_whitespace().next().map(str::to_owned)
+}
+
+/// `GUEST-TRACE up=<uptime> <what>`.
+fn trace_line(what: &str) -> String {
+    format!("GUEST-TRACE up={} {what}", uptime().unwrap_or_default())
 }
 
 impl Agent {
@@ -139,11 +145,19 @@ impl Agent {
     /// Reacts to one CPU event; returns the lines to print.
     pub fn on_cpu_event(&mut self, event: CpuEvent) -> Vec<String> {
         let mut lines = Vec::new();
+        if self.opts.trace {
+            lines.push(trace_line(&format!("{:?} cpu={}", event.kind, event.cpu)));
+        }
         if event.kind == CpuEventKind::Add && self.opts.autoonline {
             // Linux does not online a hot-added CPU by itself.
             match self.sysfs.is_online(event.cpu) {
                 Ok(true) => {}
-                Ok(false) => lines.extend(self.bring_online(event.cpu)),
+                Ok(false) => {
+                    lines.extend(self.bring_online(event.cpu));
+                    if self.opts.trace {
+                        lines.push(trace_line(&format!("onlined cpu={}", event.cpu)));
+                    }
+                }
                 Err(e) => lines.push(format!("GUEST-ERROR {e}")),
             }
         }
@@ -363,6 +377,19 @@ mod tests {
         assert!(lines
             .iter()
             .all(|l| l.starts_with("GUEST-ERROR unexpected contents in")));
+    }
+
+    #[test]
+    fn trace_lines_when_asked() {
+        let fake = FakeCpus::new("trace", "0-3", "0-1", "0-1");
+        let mut a = agent(&fake, "agent.trace");
+        a.start().unwrap();
+        std::fs::create_dir_all(fake.0.join("cpu2")).unwrap();
+        fake.set("cpu2/online", "0\n");
+        let lines = a.on_cpu_event(add(2));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("GUEST-TRACE up=") && lines[0].ends_with(" Add cpu=2"));
+        assert!(lines[1].ends_with(" onlined cpu=2"));
     }
 
     #[test]

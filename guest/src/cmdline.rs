@@ -9,6 +9,7 @@
 //! | `agent.poweroff=ready` | power off right after the ready line (boot tests)   |
 //! | `agent.quiet`          | print only the ready line, errors and the power-off |
 //! | `agent.autoonline=0`   | do not online hot-added (or present, offline) CPUs  |
+//! | `agent.trace`          | timestamped `GUEST-TRACE` lines per CPU event (debug) |
 
 use std::fmt;
 
@@ -28,6 +29,8 @@ pub struct Options {
     pub quiet: bool,
     /// `agent.autoonline=` (default on).
     pub autoonline: bool,
+    /// `agent.trace`: print a line per CPU event with the guest's uptime.
+    pub trace: bool,
     /// `agent.*` parameters that were not understood, verbatim.
     pub unknown: Vec<String>,
 }
@@ -38,6 +41,7 @@ impl Default for Options {
             poweroff: None,
             quiet: false,
             autoonline: true,
+            trace: false,
             unknown: Vec::new(),
         }
     }
@@ -112,6 +116,7 @@ impl Options {
                 },
                 "quiet" => parse_bool(value).map(|b| opts.quiet = b).is_some(),
                 "autoonline" => parse_bool(value).map(|b| opts.autoonline = b).is_some(),
+                "trace" => parse_bool(value).map(|b| opts.trace = b).is_some(),
                 _ => false,
             };
             if !understood {
@@ -169,11 +174,12 @@ mod tests {
     #[test]
     fn parses_agent_options() {
         let o = Options::parse(
-            "console=ttyS0 quiet agent.poweroff=ready agent.quiet agent.autoonline=0 agent.bogus=1 agent.quiet=maybe",
+            "console=ttyS0 quiet agent.poweroff=ready agent.quiet agent.autoonline=0 agent.bogus=1 agent.quiet=maybe agent.trace",
         );
         assert_eq!(o.poweroff, Some(PowerOffWhen::Ready));
         assert!(o.quiet);
         assert!(!o.autoonline);
+        assert!(o.trace);
         assert_eq!(o.unknown, ["agent.bogus=1", "agent.quiet=maybe"]);
         assert!(o
             .to_string()
