@@ -145,8 +145,16 @@ pub fn write_initramfs(out: &Path, image: &HostImage, payload: &Payload) -> Resu
     .ctx(|| format!("cannot write {}", out.display()))
 }
 
-/// The outer QEMU's command line.
-pub fn qemu_command(cfg: &QemuConfig, kernel: &Path, initrd: &Path, link: &Path) -> Command {
+/// The outer QEMU's command line. Serial ports: ttyS0 the emulated host's
+/// kernel console (`kcon` socket), ttyS1 the API forward (`link` socket),
+/// ttyS2 the console of `testhost-init` and the job (stdio).
+pub fn qemu_command(
+    cfg: &QemuConfig,
+    kernel: &Path,
+    initrd: &Path,
+    kcon: &Path,
+    link: &Path,
+) -> Command {
     let mut cmd = Command::new(&cfg.binary);
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
         .args(["-m", &cfg.memory, "-smp", &cfg.cpus.to_string()])
@@ -162,10 +170,13 @@ pub fn qemu_command(cfg: &QemuConfig, kernel: &Path, initrd: &Path, link: &Path)
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", "console=ttyS0 quiet panic=-1 rdinit=/init"])
-        .args(["-serial", "stdio"])
+        .arg("-chardev")
+        .arg(format!("socket,id=kcon,path={}", kcon.display()))
+        .args(["-serial", "chardev:kcon"])
         .arg("-chardev")
         .arg(format!("socket,id=fwd,path={}", link.display()))
-        .args(["-serial", "chardev:fwd"]);
+        .args(["-serial", "chardev:fwd"])
+        .args(["-serial", "stdio"]);
     cmd
 }
 
@@ -194,10 +205,15 @@ impl EmulatedHost {
     ) -> Result<Self> {
         let initrd = workdir.join("host-initramfs.cpio");
         write_initramfs(&initrd, image, payload)?;
-        let link_path = workdir.join("ttyS1.sock");
-        let _ = std::fs::remove_file(&link_path);
-        let link_listener = UnixListener::bind(&link_path)
-            .ctx(|| format!("cannot bind {}", link_path.display()))?;
+        let bind = |name: &str| {
+            let path = workdir.join(name);
+            let _ = std::fs::remove_file(&path);
+            UnixListener::bind(&path)
+                .ctx(|| format!("cannot bind {}", path.display()))
+                .map(|l| (l, path))
+        };
+        let (kcon_listener, kcon_path) = bind("ttyS0.sock")?;
+        let (link_listener, link_path) = bind("ttyS1.sock")?;
         // Bind the user's socket before QEMU starts, so it exists on return.
         let api_listener = match api_socket {
             Some(p) => {
@@ -209,7 +225,7 @@ impl EmulatedHost {
             }
             None => None,
         };
-        let mut cmd = qemu_command(cfg, &image.kernel, &initrd, &link_path);
+        let mut cmd = qemu_command(cfg, &image.kernel, &initrd, &kcon_path, &link_path);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -226,8 +242,13 @@ impl EmulatedHost {
         if let Some(err) = qemu.stderr.take() {
             console.attach(err, "qemu: ");
         }
-        let link = match accept_link(&link_listener, &mut qemu) {
-            Ok(link) => link,
+        let accepted = accept_link(&kcon_listener, &mut qemu)
+            .and_then(|kcon| Ok((kcon, accept_link(&link_listener, &mut qemu)?)));
+        let link = match accepted {
+            Ok((kcon, link)) => {
+                console.attach(kcon, job::HOST_PREFIX);
+                link
+            }
             Err(e) => {
                 let _ = qemu.kill();
                 let _ = qemu.wait();
@@ -255,17 +276,25 @@ impl EmulatedHost {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        let res = self.console.wait_for(
-            |l| {
-                l.starts_with(job::READY)
-                    || l.starts_with(job::ERROR)
-                    || job::host_failure(l).is_some()
-                    || l.contains("Kernel panic")
-            },
-            READY_TIMEOUT,
-        );
-        match res {
-            Ok(line) if line.starts_with(job::READY) => {
+        let decisive = |l: &str| {
+            l.starts_with(job::READY)
+                || l.trim_start_matches(job::HOST_PREFIX)
+                    .starts_with(job::ERROR)
+                || job::host_failure(l).is_some()
+                || job::host_panic(l)
+        };
+        let res = self.console.wait_for(decisive, READY_TIMEOUT);
+        if let Err(WaitError::Timeout(t)) = res {
+            return Err(Error::HostFailed(format!(
+                "no {} within {t:?} (hung boot)",
+                job::READY
+            )));
+        }
+        let lines = self.console.lines();
+        let texts = lines.iter().map(|l| l.text.as_str());
+        match job::outcome(texts, true, res.is_err()) {
+            job::Outcome::Done(_) => {
+                let line = res.unwrap_or_default();
                 self.timings = HostTimings {
                     to_ready: self.console.start().elapsed(),
                     init_at: job::field(&line, "init_ms").and_then(parse_ms),
@@ -273,15 +302,9 @@ impl EmulatedHost {
                 };
                 Ok(())
             }
-            Ok(line) if line.starts_with(job::ERROR) || line.contains("Kernel panic") => {
-                Err(Error::Testhost(line))
-            }
-            Ok(line) => Err(Error::HostFailed(format!("before ready: {line}"))),
-            Err(WaitError::Closed) => Err(self.classify_exit("before ready")),
-            Err(WaitError::Timeout(t)) => Err(Error::HostFailed(format!(
-                "no {} within {t:?} (hung boot)",
-                job::READY
-            ))),
+            job::Outcome::Error(line) => Err(Error::Testhost(line)),
+            job::Outcome::HostFailed(why) => Err(Error::HostFailed(why)),
+            job::Outcome::Running => Err(Error::HostFailed("no ready marker".into())),
         }
     }
 
@@ -319,9 +342,11 @@ impl EmulatedHost {
         }
         self.console.wait_closed(Duration::from_secs(5));
         let lines = self.console.lines();
-        match lines.iter().find_map(|l| job::parse_exit(&l.text)) {
-            Some(status) => Ok(Some(status)),
-            None => Err(self.classify_exit("before TESTHOST-EXIT")),
+        match job::outcome(lines.iter().map(|l| l.text.as_str()), false, true) {
+            job::Outcome::Done(status) => Ok(Some(status.unwrap_or(-1))),
+            job::Outcome::Error(line) => Err(Error::Testhost(line)),
+            job::Outcome::HostFailed(why) => Err(Error::HostFailed(why)),
+            job::Outcome::Running => Err(Error::HostFailed("QEMU exited".into())),
         }
     }
 
@@ -345,21 +370,6 @@ impl EmulatedHost {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// Why QEMU ended without `TESTHOST-EXIT`.
-    fn classify_exit(&self, when: &str) -> Error {
-        let lines = self.console.lines();
-        if let Some(l) = lines.iter().find(|l| l.text.starts_with(job::ERROR)) {
-            return Error::Testhost(l.text.clone());
-        }
-        if let Some(l) = lines.iter().find(|l| l.text.contains("Kernel panic")) {
-            return Error::Testhost(l.text.clone());
-        }
-        if let Some(f) = self.failure() {
-            return Error::HostFailed(f);
-        }
-        Error::HostFailed(format!("QEMU exited {when}: the emulated host reset"))
     }
 
     /// Kills QEMU (idempotent).

@@ -57,16 +57,84 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
 }
 
+/// The harness prefixes the emulated host's kernel console (its ttyS0)
+/// with this; `testhost-init`, the VMM and the guest print on ttyS2 and
+/// reach the console without prefix. So a guest's soft lockup is never
+/// mistaken for the emulated host's.
+pub const HOST_PREFIX: &str = "host: ";
+/// Where `testhost-init` and the job print (the outer QEMU's stdio).
+pub const CONSOLE_TTY: &str = "/dev/ttyS2";
+
 /// Kernel messages that mean the emulated host itself failed (not our VMM).
 const HOST_FAILURES: &[&str] = &[
-    "watchdog: BUG: soft lockup",
     "BUG: soft lockup",
-    "NMI watchdog: Watchdog detected hard LOCKUP",
+    "Watchdog detected hard LOCKUP",
+    "rcu_sched self-detected stall",
+    "rcu_preempt self-detected stall",
 ];
 
-/// If `line` reports a failure of the emulated host itself, which one.
+/// If `line` is the emulated host's kernel reporting a failure of its own,
+/// which one.
 pub fn host_failure(line: &str) -> Option<&'static str> {
-    HOST_FAILURES.iter().copied().find(|p| line.contains(p))
+    let msg = line.strip_prefix(HOST_PREFIX)?;
+    HOST_FAILURES.iter().copied().find(|p| msg.contains(p))
+}
+
+/// The emulated host's kernel panicked (e.g. `testhost-init` died).
+pub fn host_panic(line: &str) -> bool {
+    line.strip_prefix(HOST_PREFIX)
+        .is_some_and(|m| m.contains("Kernel panic"))
+}
+
+/// How a run of the emulated host ended, read from its console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Still running: nothing decisive yet.
+    Running,
+    /// `TESTHOST-READY` (during boot) or `TESTHOST-EXIT status=N`.
+    Done(Option<i32>),
+    /// `testhost-init` reported an error, or the host kernel panicked:
+    /// our fault, never retried.
+    Error(String),
+    /// The emulated host's own failure: retried once.
+    HostFailed(String),
+}
+
+/// Classifies console lines. `until_ready` looks for `TESTHOST-READY`,
+/// otherwise for `TESTHOST-EXIT`; `ended` says QEMU has exited, so that
+/// a missing marker means the emulated host reset.
+pub fn outcome<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    until_ready: bool,
+    ended: bool,
+) -> Outcome {
+    let mut failure = None;
+    for line in lines {
+        if until_ready && line.starts_with(READY) {
+            return Outcome::Done(None);
+        }
+        if !until_ready {
+            if let Some(status) = parse_exit(line) {
+                return Outcome::Done(Some(status));
+            }
+        }
+        // Before it has its own port, testhost-init prints on ttyS0.
+        let bare = line.strip_prefix(HOST_PREFIX).unwrap_or(line);
+        if bare.starts_with(ERROR) || host_panic(line) {
+            return Outcome::Error(line.to_string());
+        }
+        if failure.is_none() && host_failure(line).is_some() {
+            failure = Some(line.to_string());
+        }
+    }
+    match (failure, ended) {
+        (Some(f), _) => Outcome::HostFailed(f),
+        (None, true) => Outcome::HostFailed(format!(
+            "QEMU exited before {}: the emulated host reset",
+            if until_ready { READY } else { EXIT }
+        )),
+        (None, false) => Outcome::Running,
+    }
 }
 
 #[cfg(test)]
@@ -79,11 +147,61 @@ mod tests {
         assert_eq!(parse_exit("TESTHOST-EXIT status=137 signal=9"), Some(137));
         assert_eq!(parse_exit("GUEST TESTHOST-EXIT status=1"), None);
         assert_eq!(
-            field("TESTHOST-READY boot_ms=2100 modules_ms=600", "modules_ms"),
+            field("TESTHOST-READY init_ms=2100 modules_ms=600", "modules_ms"),
             Some("600")
         );
-        assert!(
-            host_failure("[ 52.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!").is_some()
-        );
+    }
+
+    #[test]
+    fn only_the_hosts_own_lockups_count() {
+        let host = "host: [ 52.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!";
+        let guest = "[ 52.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!";
+        assert!(host_failure(host).is_some());
+        assert!(host_failure(guest).is_none());
+        assert!(host_panic(
+            "host: [ 3.0] Kernel panic - not syncing: Attempted to kill init!"
+        ));
+        assert!(!host_panic("[ 3.0] Kernel panic - not syncing: VFS"));
+    }
+
+    #[test]
+    fn classifies_outcomes() {
+        let boot = ["host: [0.0] Linux version", "TESTHOST-READY init_ms=1"];
+        assert_eq!(outcome(boot, true, false), Outcome::Done(None));
+        assert_eq!(outcome(["host: x"], true, false), Outcome::Running);
+        // A reset: QEMU gone without the marker.
+        assert!(matches!(
+            outcome(["host: x"], true, true),
+            Outcome::HostFailed(_)
+        ));
+        assert!(matches!(
+            outcome(["TESTHOST-READY", "guest line"], false, true),
+            Outcome::HostFailed(_)
+        ));
+        // Our failures are never the host's.
+        assert!(matches!(
+            outcome(["TESTHOST-ERROR stage=modules cannot load"], true, true),
+            Outcome::Error(_)
+        ));
+        assert!(matches!(
+            outcome(
+                ["host: Kernel panic - not syncing: Attempted to kill init!"],
+                true,
+                true
+            ),
+            Outcome::Error(_)
+        ));
+        // A guest panic followed by a clean exit is the VMM's status.
+        let run = [
+            "TESTHOST-READY",
+            "[1.0] Kernel panic - not syncing: guest",
+            "TESTHOST-EXIT status=1",
+        ];
+        assert_eq!(outcome(run, false, true), Outcome::Done(Some(1)));
+        let lockup = ["TESTHOST-READY", "host: watchdog: BUG: soft lockup - CPU#0"];
+        assert!(matches!(
+            outcome(lockup, false, false),
+            Outcome::HostFailed(_)
+        ));
     }
 }

@@ -3,7 +3,8 @@
 //! Mounts `/proc`, `/sys`, `/dev`; loads `irqbypass`, `kvm`, `kvm-amd`
 //! with `finit_module`; opens `/dev/kvm` and keeps one idle VM for its
 //! whole life (so the VMM's VM is never the last one torn down: avoids the
-//! soft lockup seen in `kvm_destroy_vm`); serves the API forward on
+//! soft lockup seen in `kvm_destroy_vm`); prints on `/dev/ttyS2` (the
+//! kernel keeps ttyS0 to itself); serves the API forward on
 //! `/dev/ttyS1`; runs the job of `/job.json` with its output on the
 //! console; prints `TESTHOST-EXIT status=N` and powers off. Any failure
 //! prints one `TESTHOST-ERROR` line and powers off too.
@@ -174,15 +175,16 @@ fn mount_basics() -> Result<()> {
         sys::mount(src, target, fstype, libc::MS_NOSUID)
             .with_context(|| format!("stage=mount {target}"))?;
     }
-    // Without /dev/console in the initramfs the kernel gave us no stdio.
-    if std::fs::metadata("/proc/self/fd/1").is_err() {
-        let console = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/console")
-            .context("stage=mount open /dev/console")?;
-        sys::redirect_stdio(&console).context("stage=mount redirect stdio")?;
-    }
+    // Our lines and the job's go to their own serial port, apart from the
+    // kernel's console, so the harness can tell the host's kernel messages
+    // from the guest's.
+    let console = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(job::CONSOLE_TTY)
+        .with_context(|| format!("stage=mount cannot open {}", job::CONSOLE_TTY))?;
+    sys::redirect_stdio(&console).context("stage=mount redirect stdio")?;
     Ok(())
 }
 
