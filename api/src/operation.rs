@@ -77,7 +77,8 @@ pub struct Operation {
     pub vcpus: Vec<u32>,
     /// Where it is.
     pub status: OperationStatus,
-    /// Why it failed.
+    /// Why it failed, or a note on how it was done (e.g. a removal that
+    /// fell back to the plain ACPI eject).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// When it started, in milliseconds since the Unix epoch.

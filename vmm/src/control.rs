@@ -538,6 +538,22 @@ impl OperationTable {
         }
     }
 
+    /// Attach a note about `vcpu` (e.g. how it was done) to every running
+    /// operation waiting for it; the note stays in `reason` on success.
+    pub fn vcpu_note(&mut self, vcpu: u32, note: &str) {
+        for entry in self.entries.values_mut() {
+            if entry.pending.contains(&vcpu) {
+                entry.progress.send_modify(|op| {
+                    let line = format!("vCPU {vcpu}: {note}");
+                    op.reason = Some(match op.reason.take() {
+                        Some(prev) => format!("{prev}; {line}"),
+                        None => line,
+                    });
+                });
+            }
+        }
+    }
+
     /// Fail every running operation (e.g. the VM is shutting down).
     pub fn fail_all(&mut self, reason: &str) {
         for id in self.running() {
@@ -560,7 +576,12 @@ impl OperationTable {
         let elapsed = u64::try_from(entry.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         entry.progress.send_modify(|op| {
             op.status = status;
-            op.reason = reason;
+            if let Some(r) = reason {
+                op.reason = Some(match op.reason.take() {
+                    Some(note) => format!("{r} ({note})"),
+                    None => r,
+                });
+            }
             op.duration_ms = Some(elapsed);
         });
         let done = entry.progress.borrow().clone();

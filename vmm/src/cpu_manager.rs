@@ -262,27 +262,50 @@ impl CpuManager {
         Ok(())
     }
 
-    /// Starts hot-removing `id`: the register block marks it for removal
-    /// and the GED interrupt tells the guest, which offlines the CPU and
-    /// ejects it. Asking again while pending re-sends the request.
-    pub fn begin_remove(&mut self, id: u32) -> Result<(), CpuError> {
+    /// Marks `id` as being removed without telling the guest through ACPI
+    /// yet (the guest agent prepares the CPU first).
+    pub fn reserve_remove(&mut self, id: u32) -> Result<(), CpuError> {
         let state = self.slot(id)?.state;
-        match state {
-            VcpuState::Present => {
-                lock(&self.hotplug).controller.begin_remove(id)?;
-                self.slot_mut(id)?.state = VcpuState::Removing;
-            }
-            VcpuState::Removing => {
+        if id == 0 {
+            return Err(CpuHotplugError::BootCpu.into());
+        }
+        if state != VcpuState::Present {
+            return Err(CpuError::WrongState { id, state });
+        }
+        self.slot_mut(id)?.state = VcpuState::Removing;
+        Ok(())
+    }
+
+    /// Asks the guest through ACPI to eject `id` (reserved for removal):
+    /// the register block marks it and the GED interrupt makes the guest
+    /// scan; the guest offlines the CPU if needed and ejects it. Asking
+    /// again re-sends the request.
+    pub fn signal_remove(&mut self, id: u32) -> Result<(), CpuError> {
+        let state = self.slot(id)?.state;
+        if state != VcpuState::Removing {
+            return Err(CpuError::WrongState { id, state });
+        }
+        {
+            let mut h = lock(&self.hotplug);
+            if h.controller.is_removal_pending(id) {
                 // Re-signal: the guest may have missed or refused the first request.
-                let mut h = lock(&self.hotplug);
                 let _ = h.controller.cancel_removal(id);
-                h.controller.begin_remove(id)?;
             }
-            _ => return Err(CpuError::WrongState { id, state }),
+            h.controller.begin_remove(id)?;
         }
         lock(&self.ged).notify_cpu_change();
-        log::info!("vCPU {id}: hot-remove requested");
+        log::info!("vCPU {id}: ACPI eject requested");
         Ok(())
+    }
+
+    /// [`Self::reserve_remove`] then [`Self::signal_remove`].
+    pub fn begin_remove(&mut self, id: u32) -> Result<(), CpuError> {
+        self.reserve_remove(id)?;
+        let signalled = self.signal_remove(id);
+        if signalled.is_err() {
+            self.slot_mut(id)?.state = VcpuState::Present;
+        }
+        signalled
     }
 
     /// Gives up a removal the guest has not carried out: the vCPU stays
@@ -292,7 +315,12 @@ impl CpuManager {
         if state != VcpuState::Removing {
             return Err(CpuError::WrongState { id, state });
         }
-        lock(&self.hotplug).controller.cancel_removal(id)?;
+        {
+            let mut h = lock(&self.hotplug);
+            if h.controller.is_removal_pending(id) {
+                h.controller.cancel_removal(id)?;
+            }
+        }
         self.slot_mut(id)?.state = VcpuState::Present;
         Ok(())
     }

@@ -140,6 +140,7 @@ impl Vmm {
                 boot_vcpus: cfg.cpus.boot,
                 memory_mib: cfg.memory >> 20,
             },
+            vm.devices.agent_uart.clone(),
         );
         let (control_tx, control) = control::channel()?;
         let api = match &cfg.api_socket {
@@ -182,6 +183,7 @@ impl Vmm {
             }
             VmEvent::Ejected(id) => self.hotplug.on_ejected(id),
             VmEvent::InsertAcked(id) => self.hotplug.on_insert_acked(id),
+            VmEvent::AgentLine(line) => self.hotplug.on_agent_line(line),
         }
         self.arm_deadlines();
     }

@@ -26,6 +26,8 @@ pub enum VmEvent {
     Ejected(u32),
     /// The guest's ACPI scan acknowledged the insertion of a vCPU.
     InsertAcked(u32),
+    /// A line from the guest agent (`None`: an oversized line was dropped).
+    AgentLine(Option<Vec<u8>>),
 }
 
 /// The sending side of the VMM thread's event queue: a channel plus an

@@ -17,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod acpi;
+pub mod agent;
 pub mod api_server;
 pub mod boot;
 pub mod bus;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::agent::AgentSink;
 use crate::bus::{lock, Bus, BusError};
 use crate::config::SerialOutput;
 use crate::devices::cpu_hotplug::{CpuHotplugController, HotplugAction, STATUS_OFFSET};
@@ -133,6 +134,8 @@ pub struct Devices {
     pub ged: Arc<Mutex<GedAdapter>>,
     /// The console UART (COM1).
     pub console: Arc<Mutex<SerialDevice<ConsoleOut>>>,
+    /// The guest agent's UART (COM2).
+    pub agent_uart: Arc<Mutex<SerialDevice<AgentSink>>>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -177,6 +180,11 @@ impl Devices {
             console_output(serial)?,
         )));
         pio.insert(u64::from(layout::COM1_PORT), 8, console.clone())?;
+        let agent_uart = Arc::new(Mutex::new(SerialDevice::new(
+            irq_eventfd(vm, layout::COM2_GSI)?,
+            AgentSink::new(events.clone()),
+        )));
+        pio.insert(u64::from(layout::COM2_PORT), 8, agent_uart.clone())?;
 
         let power = Arc::new(Mutex::new(PowerAdapter {
             model: AcpiPowerDevice::new(),
@@ -216,6 +224,7 @@ impl Devices {
             hotplug,
             ged,
             console,
+            agent_uart,
         })
     }
 
