@@ -82,10 +82,18 @@ pub fn guest_image() -> Result<GuestFiles> {
     })
 }
 
-/// The `vmm` binary, static (runs inside the emulated host and directly).
+/// Environment variable naming a prebuilt static `vmm` to test instead of
+/// building the workspace's.
+pub const VMM_ENV: &str = "E2E_VMM";
+
+/// The `vmm` binary, static (runs inside the emulated host and directly):
+/// `$E2E_VMM` if set, else built from the workspace.
 pub fn vmm_binary() -> Result<PathBuf> {
     static CELL: Mutex<Option<PathBuf>> = Mutex::new(None);
     memo(&CELL, || {
+        if let Some(path) = std::env::var_os(VMM_ENV) {
+            return Ok(PathBuf::from(path));
+        }
         resources::build_static("vmm", "vmm").map_err(artifact("the vmm binary"))
     })
 }

@@ -23,4 +23,6 @@ pub mod vm;
 pub use console::Echo;
 pub use error::{BoxError, Error, Result};
 pub use host::HostKind;
-pub use vm::{launch, launch_host_job, run, HostJob, Matcher, RunningVm, VmSpec};
+pub use vm::{
+    launch, launch_host_job, launch_host_job_on, run, HostJob, Matcher, RunningVm, VmSpec,
+};

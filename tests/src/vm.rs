@@ -180,6 +180,18 @@ pub fn launch_host_job(
     timeout: Duration,
 ) -> Result<RunningVm> {
     let (image, qemu) = emulated_host()?;
+    launch_host_job_on(qemu, image, job, api_socket, timeout)
+}
+
+/// [`launch_host_job`] with a given QEMU and host image (the harness's own
+/// tests use a fake QEMU).
+pub fn launch_host_job_on(
+    qemu: QemuConfig,
+    image: crate::emulated::HostImage,
+    job: HostJob,
+    api_socket: Option<PathBuf>,
+    timeout: Duration,
+) -> Result<RunningVm> {
     let argv = match job {
         HostJob::KvmSelftest => vec!["/init".to_string(), "kvm-selftest".to_string()],
         HostJob::EchoServer => vec![
