@@ -181,6 +181,34 @@ pub fn lists_present() -> bool {
     })
 }
 
+/// An identity of apt's package lists (names, sizes, modification times):
+/// it changes whenever `apt-get update` changes what apt-cache would say,
+/// so a resolution can be reused while it stays the same. `None` if there
+/// are no lists.
+pub fn lists_fingerprint() -> Option<String> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let mut entries: Vec<(String, u64, i64, i64)> = std::fs::read_dir(APT_LISTS)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            meta.is_file().then(|| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, meta.len(), meta.mtime(), meta.mtime_nsec())
+            })
+        })
+        .filter(|(name, ..)| name.contains("_Packages"))
+        .collect();
+    if entries.is_empty() {
+        return None;
+    }
+    entries.sort();
+    let mut hasher = std::hash::DefaultHasher::new();
+    entries.hash(&mut hasher);
+    Some(format!("{}:{:016x}", entries.len(), hasher.finish()))
+}
+
 /// Resolves `meta` to the kernel image package its candidate depends on.
 pub fn resolve(meta: &str) -> Result<KernelPackage, AptError> {
     let out = run(

@@ -4,6 +4,7 @@
 //! Cache layout, one directory per kernel release:
 //! ```text
 //! <cache>/kernel/.lock                       serialises updates
+//! <cache>/kernel/resolved                    last meta package resolution
 //! <cache>/kernel/downloads/<pkg>=<ver>.deb   the package as downloaded
 //! <cache>/kernel/<release>/root/             dpkg-deb -x of the package
 //! <cache>/kernel/<release>/vmlinux           ELF extracted from the bzImage
@@ -231,7 +232,7 @@ pub fn ensure_kernel_in(cache_root: &Path) -> Result<Kernel, KernelError> {
     let kernel_dir = cache_root.join("kernel");
     let _lock =
         Lock::acquire(&kernel_dir.join(".lock")).map_err(io_ctx("locking the kernel cache"))?;
-    let pkg = match apt::resolve(META_PACKAGE) {
+    let pkg = match resolve_memoized(&kernel_dir) {
         Ok(pkg) => pkg,
         Err(e) => {
             if let Some(kernel) = newest_cached(&kernel_dir) {
@@ -298,6 +299,39 @@ pub fn ensure_kernel_in(cache_root: &Path) -> Result<Kernel, KernelError> {
         kernel.pvh_entry
     );
     Ok(kernel)
+}
+
+/// Resolves the meta package, reusing the last answer while apt's package
+/// lists are unchanged (apt-cache parses all lists on every call, which
+/// takes most of a second here).
+fn resolve_memoized(kernel_dir: &Path) -> Result<KernelPackage, AptError> {
+    let path = kernel_dir.join("resolved");
+    let lists = apt::lists_fingerprint();
+    if let (Some(lists), Some(stamp)) = (&lists, Stamp::read(&path)) {
+        if stamp.get("lists") == Some(lists) && stamp.get("meta") == Some(META_PACKAGE) {
+            if let (Some(name), Some(release)) = (stamp.get("name"), stamp.get("release")) {
+                return Ok(KernelPackage {
+                    name: name.to_owned(),
+                    version: stamp.get("version").map(str::to_owned),
+                    release: release.to_owned(),
+                });
+            }
+        }
+    }
+    let pkg = apt::resolve(META_PACKAGE)?;
+    if let Some(lists) = lists {
+        let mut stamp = Stamp::new()
+            .with("lists", lists)
+            .with("meta", META_PACKAGE)
+            .with("name", pkg.name.as_str())
+            .with("release", pkg.release.as_str());
+        if let Some(version) = &pkg.version {
+            stamp = stamp.with("version", version.as_str());
+        }
+        // Only an optimisation: a failed write costs a slower next run.
+        let _ = stamp.write(&path);
+    }
+    Ok(pkg)
 }
 
 /// Returns the cached .deb of `pkg`, downloading it if needed.

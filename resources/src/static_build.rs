@@ -92,6 +92,10 @@ pub fn build_static(package: &str, bin: &str) -> Result<PathBuf, BuildError> {
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_BUILD_RUSTFLAGS")
         .env(RUSTFLAGS_VAR, STATIC_RUSTFLAGS)
+        // Images carry these binaries: DWARF would more than double their
+        // size (and unpack time under emulation); symbols stay for
+        // backtraces.
+        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo")
         .status()
         .map_err(BuildError::Spawn)?;
     if !status.success() {
