@@ -8,6 +8,7 @@
 //! is added are added before it (the kernel does not create them). Owners
 //! are root and timestamps zero, so equal inputs give identical archives.
 
+use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::Path;
 
@@ -71,6 +72,8 @@ impl Entry {
 #[derive(Debug, Clone, Default)]
 pub struct Archive {
     entries: Vec<Entry>,
+    /// Path -> index in `entries`.
+    index: HashMap<String, usize>,
 }
 
 /// `"/a//b/"` -> `"a/b"`.
@@ -88,7 +91,7 @@ impl Archive {
     }
 
     fn position(&self, path: &str) -> Option<usize> {
-        self.entries.iter().position(|e| e.path == path)
+        self.index.get(path).copied()
     }
 
     fn add(&mut self, path: &str, perm: u32, content: Content) -> &mut Self {
@@ -109,7 +112,10 @@ impl Archive {
         };
         match self.position(&entry.path) {
             Some(i) => self.entries[i] = entry,
-            None => self.entries.push(entry),
+            None => {
+                self.index.insert(entry.path.clone(), self.entries.len());
+                self.entries.push(entry);
+            }
         }
         self
     }

@@ -18,7 +18,27 @@ in the cache ($HOTPLUG_CACHE or <workspace>/.cache) and prints its paths.
   --json          print one JSON object instead of text
   --uncompressed  plain cpio initramfs instead of gzip";
 
+/// Prints the library's progress and warnings to stderr.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("mkimage: {}", record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
 fn main() -> Result<()> {
+    let _ = log::set_logger(&LOGGER).map(|()| log::set_max_level(log::LevelFilter::Info));
     let mut json = false;
     let mut compression = Compression::Gzip;
     for arg in std::env::args().skip(1) {
