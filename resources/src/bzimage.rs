@@ -419,6 +419,19 @@ mod tests {
     }
 
     #[test]
+    fn extracts_zstd_payload_with_size_trailer() {
+        let elf = kernel_elf();
+        let level = ruzstd::encoding::CompressionLevel::Fastest;
+        let mut payload = ruzstd::encoding::compress_to_vec(&elf[..], level);
+        // The kernel build appends the uncompressed size to zstd payloads.
+        payload.extend_from_slice(&u32::try_from(elf.len()).unwrap().to_le_bytes());
+        let img = bzimage(2, 0x10, &payload);
+        let v = extract_vmlinux(&img).unwrap();
+        assert_eq!(v.compression, Compression::Zstd);
+        assert_eq!(v.elf, elf);
+    }
+
+    #[test]
     fn lz4_size_mismatch_and_truncation_are_errors() {
         let data = vec![7u8; 4000];
         let mut stream = lz4_legacy(&data, 1000);

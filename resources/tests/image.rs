@@ -3,8 +3,9 @@
 //! agent, packs the initramfs, and boots it under QEMU TCG when QEMU is
 //! installed.
 //!
-//! When apt is unusable the tests print a line starting `E2E-SKIP:` with
-//! the reason; they never skip silently.
+//! When apt (or QEMU) is unusable the tests print a line starting
+//! `E2E-SKIP:` with the reason; they never skip silently, and with
+//! `E2E_REQUIRE` set (as on CI) they fail instead.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -15,12 +16,21 @@ use std::time::{Duration, Instant};
 use resources::kernel::KVM_MODULES;
 use resources::{elf::Elf, GuestImage, Kernel};
 
+/// Reports a test that cannot run here: a loud skip, or a failure when
+/// `E2E_REQUIRE` is set.
+fn skip(reason: &str) {
+    if std::env::var_os("E2E_REQUIRE").is_some() {
+        panic!("E2E_REQUIRE is set but the test cannot run: {reason}");
+    }
+    println!("E2E-SKIP: {reason}");
+}
+
 /// Runs `f`, turning "apt is unusable here" into a loud skip.
 fn or_skip<T>(what: &str, f: impl FnOnce() -> Result<T, resources::Error>) -> Option<T> {
     match f() {
         Ok(v) => Some(v),
         Err(e) if e.is_apt_unavailable() => {
-            println!("E2E-SKIP: {what}: apt is unusable here: {}", chain(&e));
+            skip(&format!("{what}: apt is unusable here: {}", chain(&e)));
             None
         }
         Err(e) => panic!("{what}: {}", chain(&e)),
@@ -173,7 +183,7 @@ fn boot(img: &GuestImage, kernel: &Path) -> Option<(String, f64)> {
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            println!("E2E-SKIP: boot smoke test: cannot run {qemu}: {e}");
+            skip(&format!("boot smoke test: cannot run {qemu}: {e}"));
             return None;
         }
     };
