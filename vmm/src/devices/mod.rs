@@ -15,6 +15,7 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+pub mod cmos;
 pub mod cpu_hotplug;
 pub mod ged;
 pub mod power;

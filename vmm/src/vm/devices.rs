@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::agent::AgentSink;
 use crate::bus::{lock, Bus, BusError};
 use crate::config::SerialOutput;
+use crate::devices::cmos::Cmos;
 use crate::devices::cpu_hotplug::{CpuHotplugController, HotplugAction, STATUS_OFFSET};
 use crate::devices::ged::{Ged, EVENT_CPU_HOTPLUG};
 use crate::devices::power::{AcpiPowerDevice, I8042Reset, PowerAction, PowerRegisters};
@@ -200,6 +201,7 @@ impl Devices {
             events: events.clone(),
         }));
         pio.insert(0x64, 1, i8042)?;
+        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::with_system_clock())))?;
 
         let hotplug = Arc::new(Mutex::new(HotplugAdapter {
             controller: CpuHotplugController::new(max_vcpus),
