@@ -93,6 +93,30 @@ pub enum HostMessage {
     Snapshot,
     /// Power the guest off.
     Poweroff,
+    /// Test hook (only sent when the VMM runs with test hooks enabled):
+    /// make the agent misbehave on purpose.
+    Fault {
+        /// What to do.
+        fault: Fault,
+        /// The CPU it applies to, where relevant.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu: Option<u32>,
+    },
+}
+
+/// Misbehaviours the end-to-end tests ask of the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// Answer the next `prepare_remove` of `cpu` with failure after parking
+    /// its workers, as if the offline write failed; roll the workers back.
+    RefuseOffline,
+    /// Write 0 to `cpu`'s online file directly, bypassing the registry (as
+    /// an administrator would): the agent must detect the forced offline.
+    ForceOffline,
+    /// Stop talking to the VMM (no heartbeats, no answers), as a hung or
+    /// killed agent would; the workers keep running.
+    Silence,
 }
 
 /// How often an idle agent says it is alive.
@@ -246,6 +270,18 @@ mod tests {
             HostMessage::PrepareRemove { cpu: 4095 },
             HostMessage::Snapshot,
             HostMessage::Poweroff,
+            HostMessage::Fault {
+                fault: Fault::RefuseOffline,
+                cpu: Some(4095),
+            },
+            HostMessage::Fault {
+                fault: Fault::ForceOffline,
+                cpu: Some(4095),
+            },
+            HostMessage::Fault {
+                fault: Fault::Silence,
+                cpu: None,
+            },
         ] {
             let line = encode(&m);
             assert!(line.len() <= MAX_HOST_LINE, "{line}");
