@@ -15,8 +15,10 @@ pub const KVM_AMD_PARAMS: &str = "nested=1";
 /// The guest's files.
 #[derive(Debug, Clone)]
 pub struct GuestFiles {
-    /// Kernel image handed to `--kernel`.
-    pub kernel: PathBuf,
+    /// The compressed kernel (bzImage).
+    pub bzimage: PathBuf,
+    /// The uncompressed ELF kernel with its PVH entry note.
+    pub vmlinux: PathBuf,
     /// Initramfs (uncompressed: faster under emulation).
     pub initramfs: PathBuf,
     /// Default command line of the image.
@@ -75,7 +77,8 @@ pub fn guest_image() -> Result<GuestFiles> {
         let img = resources::ensure_guest_image_with(resources::cpio::Compression::None)
             .map_err(artifact("the guest image"))?;
         Ok(GuestFiles {
-            kernel: img.kernel.bzimage,
+            bzimage: img.kernel.bzimage,
+            vmlinux: img.kernel.vmlinux,
             initramfs: img.initramfs,
             cmdline: img.cmdline,
         })

@@ -24,5 +24,6 @@ pub use console::Echo;
 pub use error::{BoxError, Error, Result};
 pub use host::HostKind;
 pub use vm::{
-    launch, launch_host_job, launch_host_job_on, run, HostJob, Matcher, RunningVm, VmSpec,
+    launch, launch_host_job, launch_host_job_on, run, GuestKernel, HostJob, Matcher, RunningVm,
+    VmSpec,
 };

@@ -23,9 +23,33 @@ const LOCK_PATH: &str = "/tmp/e2e-host.lock";
 /// The VMM's API socket inside the emulated host.
 const INSIDE_API_SOCKET: &str = "/run/vmm.sock";
 
+/// Which image of the guest kernel the VMM boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestKernel {
+    /// The bzImage (Linux boot protocol; the guest decompresses itself).
+    BzImage,
+    /// The vmlinux ELF through its PVH entry (no decompression: faster
+    /// under emulation, a larger file to load).
+    Vmlinux,
+}
+
+impl GuestKernel {
+    /// `E2E_GUEST_KERNEL=bzimage|vmlinux`, else `default`.
+    pub fn from_env(default: GuestKernel) -> GuestKernel {
+        match std::env::var("E2E_GUEST_KERNEL").as_deref() {
+            Ok("bzimage") => GuestKernel::BzImage,
+            Ok("vmlinux") => GuestKernel::Vmlinux,
+            _ => default,
+        }
+    }
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
+    /// Which kernel image to boot (default: the PVH vmlinux, about twice
+    /// as fast to boot inside the emulated host; `E2E_GUEST_KERNEL`).
+    pub kernel: GuestKernel,
     /// vCPUs online at boot.
     pub boot_vcpus: u32,
     /// Hotplug ceiling.
@@ -47,6 +71,7 @@ pub struct VmSpec {
 impl Default for VmSpec {
     fn default() -> Self {
         VmSpec {
+            kernel: GuestKernel::from_env(GuestKernel::Vmlinux),
             boot_vcpus: 1,
             max_vcpus: 1,
             memory_mib: 256,
@@ -354,6 +379,10 @@ fn plan_vm(spec: &VmSpec) -> Result<Plan> {
         None => host::select()?.0,
     };
     let guest = artifacts::guest_image()?;
+    let kernel = match spec.kernel {
+        GuestKernel::BzImage => guest.bzimage.clone(),
+        GuestKernel::Vmlinux => guest.vmlinux.clone(),
+    };
     let vmm = artifacts::vmm_binary()?;
     let mut plan = Plan {
         kind,
@@ -366,7 +395,7 @@ fn plan_vm(spec: &VmSpec) -> Result<Plan> {
         HostKind::Direct => {
             plan.direct_argv.push(vmm.to_string_lossy().into_owned());
             plan.direct_argv.extend(spec.vmm_args(
-                &guest.kernel.to_string_lossy(),
+                &kernel.to_string_lossy(),
                 &guest.initramfs.to_string_lossy(),
                 &guest.cmdline,
                 "{api}",
@@ -384,7 +413,7 @@ fn plan_vm(spec: &VmSpec) -> Result<Plan> {
             let payload = Payload {
                 files: vec![
                     file_in("/bin/vmm", &vmm, 0o755),
-                    file_in("/guest/kernel", &guest.kernel, 0o644),
+                    file_in("/guest/kernel", &kernel, 0o644),
                     file_in("/guest/initramfs", &guest.initramfs, 0o644),
                 ],
                 argv,

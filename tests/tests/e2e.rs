@@ -196,10 +196,12 @@ fn boot() {
 }
 
 /// The VMM's API, reached through the forwarded socket with our client and
-/// with curl, unchanged.
+/// with curl, unchanged. Boots the bzImage (the boot test boots the PVH
+/// vmlinux, the default), so both boot paths run.
 #[test]
 fn api_reaches_the_vmm() {
-    let spec = e2e::VmSpec::new(1, 4).timeout(Duration::from_secs(180));
+    let mut spec = e2e::VmSpec::new(1, 4).timeout(Duration::from_secs(180));
+    spec.kernel = e2e::GuestKernel::BzImage;
     let start = Instant::now();
     let result = e2e::run(&spec, |vm| {
         vm.wait_for_console("GUEST-READY", Duration::from_secs(150))?;
