@@ -68,6 +68,20 @@ impl Error {
         }
     }
 
+    /// Why the test cannot run on this machine at all (no KVM host, or no
+    /// way to fetch the kernel), as opposed to a failure: tests print it as
+    /// an `E2E-SKIP:` line.
+    pub fn skip_reason(&self) -> Option<String> {
+        match self {
+            Error::Select(SelectError::Unavailable(why)) => Some(why.clone()),
+            Error::Artifact { what, source } => source
+                .downcast_ref::<resources::Error>()
+                .filter(|e| e.is_apt_unavailable())
+                .map(|e| format!("cannot prepare {what}: {e}")),
+            _ => None,
+        }
+    }
+
     /// True when the emulated host itself failed: the one case retried.
     pub fn is_host_failure(&self) -> bool {
         matches!(self, Error::HostFailed(_))

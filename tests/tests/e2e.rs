@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use e2e::host::{self, SelectError};
+use e2e::host;
 use e2e::{Error, HostJob, HostKind};
 
 /// Prints the skip line, or panics when skipping is not allowed.
@@ -42,8 +42,13 @@ fn testhost_kvm_selftest() {
         return;
     }
     let start = Instant::now();
-    let mut vm = e2e::launch_host_job(HostJob::KvmSelftest, None, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("emulated host did not boot: {}", report(&e)));
+    let Some(mut vm) = launched(e2e::launch_host_job(
+        HostJob::KvmSelftest,
+        None,
+        Duration::from_secs(60),
+    )) else {
+        return;
+    };
     let t = vm.host_timings().expect("emulated");
     println!(
         "E2E-TIME testhost_ready_ms={} init_at_ms={:?} modules_ms={:?}",
@@ -60,6 +65,20 @@ fn testhost_kvm_selftest() {
     );
     assert!(log.contains("nested=1"), "nested SVM is off:\n{log}");
     timed("testhost_kvm_selftest", start);
+}
+
+/// The launched VM, or `None` after a skip line; panics on failures.
+fn launched(r: e2e::Result<e2e::RunningVm>) -> Option<e2e::RunningVm> {
+    match r {
+        Ok(vm) => Some(vm),
+        Err(e) => match e.skip_reason() {
+            Some(why) => {
+                skip(&why);
+                None
+            }
+            None => panic!("emulated host did not boot: {}", report(&e)),
+        },
+    }
 }
 
 fn report(e: &Error) -> String {
@@ -80,12 +99,13 @@ fn testhost_api_forward() {
     }
     let start = Instant::now();
     let sock = std::env::temp_dir().join(format!("e2e-fwd-{}.sock", std::process::id()));
-    let mut vm = e2e::launch_host_job(
+    let Some(mut vm) = launched(e2e::launch_host_job(
         HostJob::EchoServer,
         Some(sock.clone()),
         Duration::from_secs(120),
-    )
-    .unwrap_or_else(|e| panic!("emulated host did not boot: {}", report(&e)));
+    )) else {
+        return;
+    };
     assert_eq!(vm.api_socket(), sock.as_path());
     let t = Instant::now();
     let mut c = UnixStream::connect(&sock).expect("connect forwarded socket");
@@ -190,8 +210,10 @@ fn boot() {
     });
     match result {
         Ok(()) => timed("boot", start),
-        Err(Error::Select(SelectError::Unavailable(why))) => skip(&why),
-        Err(e) => panic!("boot failed: {}", report(&e)),
+        Err(e) => match e.skip_reason() {
+            Some(why) => skip(&why),
+            None => panic!("boot failed: {}", report(&e)),
+        },
     }
 }
 
@@ -230,7 +252,9 @@ fn api_reaches_the_vmm() {
     });
     match result {
         Ok(()) => timed("api_reaches_the_vmm", start),
-        Err(Error::Select(SelectError::Unavailable(why))) => skip(&why),
-        Err(e) => panic!("API check failed: {}", report(&e)),
+        Err(e) => match e.skip_reason() {
+            Some(why) => skip(&why),
+            None => panic!("API check failed: {}", report(&e)),
+        },
     }
 }
