@@ -38,13 +38,27 @@ struct Entry {
     base: u64,
     len: u64,
     device: SharedDevice,
+    accesses: AtomicU64,
 }
+
+/// Distinct unhandled addresses remembered for diagnostics.
+const UNHANDLED_ADDRESSES_KEPT: usize = 64;
 
 /// One address space (port I/O or MMIO).
 #[derive(Default)]
 pub struct Bus {
     entries: Vec<Entry>,
     unhandled: AtomicU64,
+    unhandled_by_address: Mutex<std::collections::BTreeMap<u64, u64>>,
+}
+
+/// Access counts of a bus, for diagnostics (every access is a VM exit).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BusStats {
+    /// (base, length, accesses) per device.
+    pub devices: Vec<(u64, u64, u64)>,
+    /// (address, accesses) of the unhandled addresses seen first.
+    pub unhandled: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -74,7 +88,15 @@ impl Bus {
             return Err(BusError::Overlap { base, len });
         }
         let at = self.entries.partition_point(|e| e.base < base);
-        self.entries.insert(at, Entry { base, len, device });
+        self.entries.insert(
+            at,
+            Entry {
+                base,
+                len,
+                device,
+                accesses: AtomicU64::new(0),
+            },
+        );
         Ok(())
     }
 
@@ -91,11 +113,12 @@ impl Bus {
         data.fill(0xff);
         match self.find(addr, data.len()) {
             Some((e, offset)) => {
+                e.accesses.fetch_add(1, Ordering::Relaxed);
                 lock(&e.device).read(offset, data);
                 true
             }
             None => {
-                self.unhandled.fetch_add(1, Ordering::Relaxed);
+                self.count_unhandled(addr);
                 false
             }
         }
@@ -105,19 +128,45 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((e, offset)) => {
+                e.accesses.fetch_add(1, Ordering::Relaxed);
                 lock(&e.device).write(offset, data);
                 true
             }
             None => {
-                self.unhandled.fetch_add(1, Ordering::Relaxed);
+                self.count_unhandled(addr);
                 false
             }
+        }
+    }
+
+    fn count_unhandled(&self, addr: u64) {
+        self.unhandled.fetch_add(1, Ordering::Relaxed);
+        let mut map = lock(&self.unhandled_by_address);
+        if let Some(n) = map.get_mut(&addr) {
+            *n += 1;
+        } else if map.len() < UNHANDLED_ADDRESSES_KEPT {
+            map.insert(addr, 1);
         }
     }
 
     /// How many accesses hit no device.
     pub fn unhandled(&self) -> u64 {
         self.unhandled.load(Ordering::Relaxed)
+    }
+
+    /// Access counts per device and per unhandled address.
+    pub fn stats(&self) -> BusStats {
+        BusStats {
+            devices: self
+                .entries
+                .iter()
+                .map(|e| (e.base, e.len, e.accesses.load(Ordering::Relaxed)))
+                .collect(),
+            unhandled: lock(&self.unhandled_by_address)
+                .iter()
+                .map(|(a, n)| (*a, *n))
+                .collect(),
+        }
     }
 }
 
@@ -162,6 +211,9 @@ mod tests {
         assert_eq!(d, [0xff, 0xff]);
         assert!(!bus.read(0x50, &mut d));
         assert_eq!(bus.unhandled(), 3);
+        let stats = bus.stats();
+        assert_eq!(stats.devices, vec![(0x100, 0x10, 2), (0x200, 0x8, 0)]);
+        assert_eq!(stats.unhandled, vec![(0x50, 1), (0x10f, 1), (0x150, 1)]);
     }
 
     #[test]

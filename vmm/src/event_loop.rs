@@ -241,6 +241,9 @@ impl Vmm {
                     log::warn!("vCPUs {stuck:?} did not stop in time");
                 }
                 v.vm.devices.flush_console();
+                for (name, bus) in [("pio", &v.vm.devices.pio), ("mmio", &v.vm.devices.mmio)] {
+                    log::debug!("{name} bus accesses: {:x?}", bus.stats());
+                }
                 return Ok(reason);
             }
             drop(v);
