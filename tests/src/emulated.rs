@@ -323,13 +323,16 @@ impl EmulatedHost {
         &self.mux
     }
 
-    /// The emulated host's own failure seen on its console, if any.
+    /// The emulated host's own failure, if any: a soft lockup or stall of
+    /// its kernel, or its end (QEMU's output closed) without
+    /// `TESTHOST-EXIT` or `TESTHOST-ERROR`, i.e. a reset.
     pub fn failure(&self) -> Option<String> {
-        self.console
-            .lines()
-            .iter()
-            .find(|l| job::host_failure(&l.text).is_some())
-            .map(|l| l.text.clone())
+        let lines = self.console.lines();
+        let texts = lines.iter().map(|l| l.text.as_str());
+        match job::outcome(texts, false, self.console.closed()) {
+            job::Outcome::HostFailed(why) => Some(why),
+            _ => None,
+        }
     }
 
     /// The job's exit status from `TESTHOST-EXIT` once QEMU has ended;

@@ -264,10 +264,17 @@ pub fn run<T>(
         match scenario(&mut vm) {
             Ok(v) => return Ok(v),
             Err(e) => {
-                if let (Some(f), None) = (vm.host_failure(), &retried) {
-                    let err = Error::HostFailed(f);
-                    eprintln!("{}", vm.console_log());
-                    retried = Some(note_retry(&err));
+                let host_failed = vm.host_failure().or_else(|| {
+                    e.downcast_ref::<Error>()
+                        .filter(|e| e.is_host_failure())
+                        .map(Error::to_string)
+                });
+                if let (Some(f), None) = (host_failed, &retried) {
+                    eprintln!(
+                        "--- console log of the failed attempt ---\n{}--- end ---",
+                        vm.console_log()
+                    );
+                    retried = Some(note_retry(&Error::HostFailed(f)));
                     continue;
                 }
                 eprintln!(

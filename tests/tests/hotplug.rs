@@ -1,0 +1,338 @@
+//! vCPU hot-add and hot-remove end to end: the real Debian guest, real
+//! ACPI hotplug, the HTTP API through its Unix socket (forwarded out of the
+//! emulated KVM host where there is one). One guest boot for the lot.
+//!
+//! The guest's view is read from its console: the agent prints
+//! `GUEST-CPU online=<list>` whenever the online set changes.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use api::client::{BlockingClient, ClientError, MutationOutcome};
+use api::{OperationStatus, VcpuState};
+use e2e::RunningVm;
+use hyper::Method;
+
+type TestResult<T = ()> = Result<T, e2e::BoxError>;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn skip(reason: &str) {
+    if std::env::var_os("E2E_REQUIRE").is_some() {
+        panic!("E2E_REQUIRE is set but the test cannot run: {reason}");
+    }
+    println!("E2E-SKIP: {reason}");
+}
+
+/// Parses a CPU list like "0-3,5".
+fn cpu_list(s: &str) -> BTreeSet<u32> {
+    let mut set = BTreeSet::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
+                    set.extend(a..=b);
+                }
+            }
+            None => {
+                if let Ok(n) = part.parse() {
+                    set.insert(n);
+                }
+            }
+        }
+    }
+    set
+}
+
+/// The guest's online CPUs as last reported on the console.
+fn guest_online(vm: &RunningVm) -> Option<BTreeSet<u32>> {
+    vm.console()
+        .lines()
+        .iter()
+        .rev()
+        .find_map(|l| {
+            let rest = l.text.split_once("GUEST-CPU online=")?.1;
+            Some(cpu_list(rest.split_whitespace().next().unwrap_or("")))
+        })
+        .or_else(|| {
+            vm.console().lines().iter().rev().find_map(|l| {
+                let rest = l.text.split_once("GUEST-READY")?.1;
+                e2e::job::field(rest, "online").map(cpu_list)
+            })
+        })
+}
+
+/// Waits until the guest reports exactly `want` online.
+fn wait_guest_online(vm: &RunningVm, want: &BTreeSet<u32>) -> TestResult {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let seen = guest_online(vm);
+        if seen.as_ref() == Some(want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("guest online {seen:?}, expected {want:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn present(client: &BlockingClient) -> TestResult<BTreeSet<u32>> {
+    Ok(client
+        .vcpus()?
+        .vcpus
+        .iter()
+        .filter(|v| v.state == VcpuState::Present)
+        .map(|v| v.id)
+        .collect())
+}
+
+fn succeeded(what: &str, r: Result<MutationOutcome, ClientError>) -> TestResult<u64> {
+    let outcome = r.map_err(|e| format!("{what}: {e}"))?;
+    let op = outcome.operation();
+    if op.status != OperationStatus::Succeeded {
+        return Err(format!("{what}: operation ended {op:?}").into());
+    }
+    println!(
+        "E2E-TIME step={what:?} op={} ms={:?}",
+        op.id, op.duration_ms
+    );
+    Ok(op.id)
+}
+
+/// The value of a Prometheus counter (sum over labels).
+fn metric(client: &BlockingClient, name: &str) -> TestResult<u64> {
+    let text = client.metrics()?;
+    let mut total = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if key == name || key.starts_with(&format!("{name}{{")) {
+            *total.get_or_insert(0) += value.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    total.ok_or_else(|| format!("metric {name} not served").into())
+}
+
+fn set(ids: impl IntoIterator<Item = u32>) -> BTreeSet<u32> {
+    ids.into_iter().collect()
+}
+
+fn expect_status(
+    client: &BlockingClient,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+    want: u16,
+) -> TestResult {
+    let r = client.request(
+        method.clone(),
+        path,
+        body.map(|b| ("application/json", b.as_bytes().to_vec())),
+    )?;
+    if r.status != want {
+        return Err(format!(
+            "{method} {path} {body:?}: HTTP {} {}, expected {want}",
+            r.status,
+            r.text()
+        )
+        .into());
+    }
+    if want >= 400 && !r.text().contains("\"error\"") {
+        return Err(format!(
+            "{method} {path}: error body without an error object: {}",
+            r.text()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The lifecycle of the issue: 1 of 8 -> 4 -> remove 3 -> add 3 (fd
+/// reused) -> 8 -> 1, every operation succeeding and the guest agreeing.
+fn lifecycle(vm: &mut RunningVm) -> TestResult {
+    vm.wait_for_console("GUEST-READY", Duration::from_secs(180))?;
+    let client = BlockingClient::new(vm.api_socket())?;
+    wait_guest_online(vm, &set([0]))?;
+    assert_eq!(present(&client)?, set([0]));
+
+    succeeded("resize 1->4", client.resize(4, Some(WAIT)))?;
+    assert_eq!(present(&client)?, set(0..4));
+    wait_guest_online(vm, &set(0..4))?;
+    let fds_after_first_adds = metric(&client, "vmm_vcpu_fds_created_total")?;
+
+    succeeded("remove 3", client.remove_vcpu(3, Some(WAIT)))?;
+    assert_eq!(present(&client)?, set(0..3));
+    wait_guest_online(vm, &set(0..3))?;
+    assert!(metric(&client, "vmm_vcpu_hot_removes_total")? >= 1);
+
+    succeeded("add 3 again", client.add_vcpu(3, Some(WAIT)))?;
+    wait_guest_online(vm, &set(0..4))?;
+    let fds = metric(&client, "vmm_vcpu_fds_created_total")?;
+    if fds != fds_after_first_adds {
+        return Err(
+            format!("re-adding vCPU 3 created a new fd: {fds_after_first_adds} -> {fds}").into(),
+        );
+    }
+    assert!(metric(&client, "vmm_vcpu_fds_reused_total")? >= 1);
+
+    succeeded("resize 4->8", client.resize(8, Some(WAIT)))?;
+    wait_guest_online(vm, &set(0..8))?;
+    succeeded("resize 8->1", client.resize(1, Some(WAIT)))?;
+    assert_eq!(present(&client)?, set([0]));
+    wait_guest_online(vm, &set([0]))?;
+
+    // Asking for what is already true is not an error (200, no change).
+    match client.resize(1, None)? {
+        MutationOutcome::Unchanged(op) => assert!(op.vcpus.is_empty()),
+        other => return Err(format!("resize to the current count: {other:?}").into()),
+    }
+    errors_without_touching_the_guest(vm, &client)?;
+    concurrent_clients(vm)?;
+    Ok(())
+}
+
+/// Every error status against the real VM; none reaches the guest.
+fn errors_without_touching_the_guest(vm: &RunningVm, client: &BlockingClient) -> TestResult {
+    let adds = metric(client, "vmm_vcpu_hot_adds_total")?;
+    let removes = metric(client, "vmm_vcpu_hot_removes_total")?;
+    let mark = vm.console_mark();
+    expect_status(client, Method::DELETE, "/api/v1/vcpus/0", None, 409)?;
+    expect_status(
+        client,
+        Method::PUT,
+        "/api/v1/vcpus",
+        Some("{\"desired\": 0}"),
+        422,
+    )?;
+    expect_status(
+        client,
+        Method::PUT,
+        "/api/v1/vcpus",
+        Some("{\"desired\": 9}"),
+        422,
+    )?;
+    expect_status(client, Method::PUT, "/api/v1/vcpus/8", None, 404)?;
+    expect_status(client, Method::DELETE, "/api/v1/vcpus/4096", None, 404)?;
+    expect_status(
+        client,
+        Method::PUT,
+        "/api/v1/vcpus",
+        Some("{\"desired\": \"two\"}"),
+        400,
+    )?;
+    expect_status(
+        client,
+        Method::PUT,
+        "/api/v1/vcpus",
+        Some("{\"desired\": 2, \"x\": 1}"),
+        400,
+    )?;
+    expect_status(client, Method::PUT, "/api/v1/vcpus", Some("{not json"), 400)?;
+    expect_status(
+        client,
+        Method::POST,
+        "/api/v1/vcpus",
+        Some("{\"desired\": 2}"),
+        405,
+    )?;
+    expect_status(client, Method::GET, "/api/v1/nothing", None, 404)?;
+    expect_status(client, Method::GET, "/api/v1/operations/999999", None, 404)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let touched: Vec<_> = vm.console().lines()[mark..]
+        .iter()
+        .filter(|l| l.text.contains("GUEST-CPU"))
+        .map(|l| l.text.clone())
+        .collect();
+    if !touched.is_empty() {
+        return Err(format!("rejected requests reached the guest: {touched:?}").into());
+    }
+    assert_eq!(metric(client, "vmm_vcpu_hot_adds_total")?, adds);
+    assert_eq!(metric(client, "vmm_vcpu_hot_removes_total")?, removes);
+    assert_eq!(present(client)?, set([0]));
+    Ok(())
+}
+
+/// 8 clients at once issuing conflicting requests; afterwards the API and
+/// the guest agree.
+fn concurrent_clients(vm: &RunningVm) -> TestResult {
+    let socket = vm.api_socket().to_path_buf();
+    let threads: Vec<_> = (0..8u32)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || -> Result<Vec<u16>, String> {
+                let client = BlockingClient::new(&socket).map_err(|e| e.to_string())?;
+                let mut statuses = Vec::new();
+                for step in 0..4u32 {
+                    let n = (i * 3 + step * 5) % 8;
+                    let r = match (i + step) % 3 {
+                        0 => client.resize(n + 1, None),
+                        1 => client.add_vcpu(n, None),
+                        _ => client.remove_vcpu(n, None),
+                    };
+                    statuses.push(match r {
+                        Ok(MutationOutcome::Accepted(_)) => 202,
+                        Ok(_) => 200,
+                        Err(ClientError::Api { status, .. }) => status,
+                        Err(e) => return Err(format!("client {i}: {e}")),
+                    });
+                }
+                Ok(statuses)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in threads {
+        let statuses = t.join().map_err(|_| "client thread panicked")??;
+        all.extend(statuses);
+    }
+    println!("concurrent statuses: {all:?}");
+    if let Some(bad) = all.iter().find(|s| ![200, 202, 409].contains(*s)) {
+        return Err(format!("unexpected status {bad} among {all:?}").into());
+    }
+    // Settle: no vCPU in flight, then the guest agrees with the API.
+    let client = BlockingClient::new(&socket)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let list = client.vcpus()?;
+        if list.vcpus.iter().all(|v| !v.state.in_flight()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("vCPUs still in flight: {list:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let want = present(&client)?;
+    wait_guest_online(vm, &want)?;
+    println!("after the concurrent clients: present {want:?}, guest agrees");
+    Ok(())
+}
+
+#[test]
+fn vcpu_hotplug_lifecycle() {
+    let spec = e2e::VmSpec::new(1, 8).timeout(Duration::from_secs(600));
+    let start = Instant::now();
+    match e2e::run(&spec, lifecycle) {
+        Ok(()) => println!(
+            "E2E-TIME test=vcpu_hotplug_lifecycle ms={}",
+            start.elapsed().as_millis()
+        ),
+        Err(e) => match e.skip_reason() {
+            Some(why) => skip(&why),
+            None => panic!("hotplug lifecycle failed: {e}\n{}", e2e_log(&e)),
+        },
+    }
+}
+
+fn e2e_log(e: &e2e::Error) -> String {
+    format!("{e:?}")
+}
+
+#[test]
+fn cpu_list_parsing() {
+    assert_eq!(cpu_list("0-3,5"), set([0, 1, 2, 3, 5]));
+    assert_eq!(cpu_list("0"), set([0]));
+    assert_eq!(cpu_list(""), set([]));
+}
