@@ -258,3 +258,44 @@ fn api_reaches_the_vmm() {
         },
     }
 }
+
+/// Smoke test of the whole hotplug path through the harness: resize up
+/// and down over the forwarded API, the guest agent reporting the online
+/// set on the console.
+#[test]
+fn hotplug_smoke() {
+    let spec = e2e::VmSpec::new(1, 4).timeout(Duration::from_secs(240));
+    let start = Instant::now();
+    let result = e2e::run(&spec, |vm| {
+        vm.wait_for_console("GUEST-READY", Duration::from_secs(150))?;
+        let client = api::client::BlockingClient::new(vm.api_socket())?;
+        for (desired, online) in [(3, "online=0-2"), (1, "online=0")] {
+            let mark = vm.console_mark();
+            let t = Instant::now();
+            let outcome = client.resize(desired, Some(Duration::from_secs(60)))?;
+            let op = outcome.operation();
+            if op.status != api::OperationStatus::Succeeded {
+                return Err(format!("resize to {desired}: {op:?}").into());
+            }
+            let api_ms = t.elapsed().as_millis();
+            vm.wait_for_console_after(
+                mark,
+                |l: &str| l.contains("GUEST-CPU") && l.contains(online),
+                Duration::from_secs(60),
+            )?;
+            println!(
+                "E2E-TIME resize_to={desired} api_ms={api_ms} console_ms={} vmm_ms={:?}",
+                t.elapsed().as_millis(),
+                op.duration_ms
+            );
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => timed("hotplug_smoke", start),
+        Err(e) => match e.skip_reason() {
+            Some(why) => skip(&why),
+            None => panic!("hotplug failed: {}", report(&e)),
+        },
+    }
+}
