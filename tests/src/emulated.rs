@@ -20,6 +20,10 @@ use crate::mux::{Forwarder, Mux};
 /// Bound on the emulated host's boot to `TESTHOST-READY` (measured: 2 to
 /// 3.5 s, much more when the machine's two cores are busy compiling).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// The emulated host's kernel command line: console on ttyS0 (captured
+/// apart), quiet (each console line costs), reboot at once on a panic
+/// (QEMU then exits: `-no-reboot`).
+pub const HOST_CMDLINE: &str = "console=ttyS0 quiet panic=-1 rdinit=/init";
 /// Bound on QEMU connecting the forward link socket after its start.
 const LINK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -67,6 +71,9 @@ pub struct QemuConfig {
     pub memory: String,
     /// vCPUs of the emulated host.
     pub cpus: u32,
+    /// Appended to the emulated host's kernel command line
+    /// (`E2E_HOST_APPEND`, for experiments).
+    pub extra_append: String,
 }
 
 impl QemuConfig {
@@ -76,6 +83,7 @@ impl QemuConfig {
             binary,
             memory: "3G".into(),
             cpus: 2,
+            extra_append: std::env::var("E2E_HOST_APPEND").unwrap_or_default(),
         }
     }
 }
@@ -169,7 +177,8 @@ pub fn qemu_command(
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1 rdinit=/init"])
+        .arg("-append")
+        .arg(format!("{HOST_CMDLINE} {}", cfg.extra_append).trim_end())
         .arg("-chardev")
         .arg(format!("socket,id=kcon,path={}", kcon.display()))
         .args(["-serial", "chardev:kcon"])
