@@ -3,7 +3,7 @@
 mod common;
 
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use smpboot::{
@@ -211,20 +211,29 @@ fn s06_register_and_transitions_exclude_each_other() {
         let (sim, slow) = (Arc::clone(&sim), Arc::clone(&slow));
         std::thread::spawn(move || {
             sim.registry.register(&slow).unwrap();
-            Instant::now()
         })
     };
     started_rx.recv().unwrap();
     sim.registry.offline(3).unwrap();
-    let offline_done = Instant::now();
-    let register_done = registering.join().unwrap();
-    assert!(register_done <= offline_done);
-    // The park on CPU 3 came after every create of the registration.
-    let order: Vec<Cb> = log.entries().iter().map(|e| e.cb).collect();
-    assert_eq!(
-        order,
-        vec![Cb::Create, Cb::Create, Cb::Create, Cb::Create, Cb::Park]
-    );
+    registering.join().unwrap();
+    // The offline came entirely after the registration: every create,
+    // then Registered, then the park request.
+    let order: Vec<Cb> = log.entries().iter().map(|e| e.cb).take(4).collect();
+    assert_eq!(order, vec![Cb::Create; 4]);
+    let ev = sim.events();
+    let registered = ev
+        .iter()
+        .position(|e| matches!(e, RegistryEvent::Registered { .. }))
+        .unwrap();
+    let park = ev
+        .iter()
+        .position(|e| matches!(e, RegistryEvent::ParkRequested { cpu: 3, .. }))
+        .unwrap();
+    let last_create = ev
+        .iter()
+        .rposition(|e| matches!(e, RegistryEvent::ThreadCreated { .. }))
+        .unwrap();
+    assert!(last_create < registered && registered < park, "{ev:?}");
 
     // The other way: a slow park holds off a registration.
     let gate_log = Log::new();

@@ -17,12 +17,13 @@ use smpboot::{
 #[test]
 fn s19_stop_calls_cleanup_itself_if_setup_ran_with_the_online_flag() {
     let sim = Sim::new(3, &[0, 1]);
-    let (log, work) = (Log::new(), Work::new(3));
+    // One work counter per probe: a kick must be served by that probe.
+    let (log, work, work_ns) = (Log::new(), Work::new(3), Work::new(3));
     let d = probe("a", &log, &work, Callbacks::ALL);
     let no_setup = probe(
         "ns",
         &log,
-        &work,
+        &work_ns,
         Callbacks {
             setup: false,
             ..Callbacks::ALL
@@ -32,7 +33,8 @@ fn s19_stop_calls_cleanup_itself_if_setup_ran_with_the_online_flag() {
     let hn = sim.registry.register(&no_setup).unwrap();
     kick(&work, &h, 0);
     kick(&work, &h, 1);
-    kick(&work, &hn, 0);
+    kick(&work_ns, &hn, 0);
+    kick(&work_ns, &hn, 1);
     sim.registry.offline(1).unwrap();
     sim.registry.unregister(&d).unwrap();
     assert_eq!(log.count("a", 0, Cb::Cleanup { online: true }), 1);
@@ -319,7 +321,8 @@ fn s25_panicking_callback_is_contained_and_reported() {
     let healthy = probe("ok", &log, &work, Callbacks::ALL);
     let calls = Arc::new(AtomicU64::new(0));
     let c = Arc::clone(&calls);
-    let w = Arc::clone(&work);
+    let faulty_work = Work::new(3);
+    let w = Arc::clone(&faulty_work);
     let faulty = ThreadDescriptor::builder(
         "bad/%u",
         move |cpu| w.pending(cpu) > 0,
@@ -340,7 +343,7 @@ fn s25_panicking_callback_is_contained_and_reported() {
     let hh = sim.registry.register(&healthy).unwrap();
     let hf = sim.registry.register(&faulty).unwrap();
     let id = hf.descriptor();
-    work.add(1, 1);
+    faulty_work.add(1, 1);
     hf.wake(1);
     sim.wait_snap("failed thread", |s| {
         s.thread(id, 1).unwrap().status == ThreadStatus::Failed

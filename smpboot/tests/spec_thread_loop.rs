@@ -264,7 +264,8 @@ fn s14_park_callback_only_for_active_threads_and_only_once() {
 #[test]
 fn s15_unpark_without_park_is_never_called() {
     let sim = Sim::new(2, &[0, 1]);
-    let (log, work) = (Log::new(), Work::new(2));
+    // One work counter per probe: a kick must be served by that probe.
+    let (log, work, work_pu) = (Log::new(), Work::new(2), Work::new(2));
     let only_unpark = probe(
         "u",
         &log,
@@ -274,9 +275,12 @@ fn s15_unpark_without_park_is_never_called() {
             ..Callbacks::ALL
         },
     );
-    let both = probe("pu", &log, &work, Callbacks::ALL);
+    let both = probe("pu", &log, &work_pu, Callbacks::ALL);
     let u = sim.registry.register(&only_unpark).unwrap();
     let pu = sim.registry.register(&both).unwrap();
+    // Both threads ran setup before the first park.
+    kick(&work, &u, 1);
+    kick(&work_pu, &pu, 1);
     for _ in 0..3 {
         sim.registry.offline(1).unwrap();
         sim.registry.prepare(1).unwrap();
@@ -284,12 +288,12 @@ fn s15_unpark_without_park_is_never_called() {
         // Let both threads pass their unpark transition before the next
         // park (a park that comes first keeps the thread parked silently).
         kick(&work, &u, 1);
-        kick(&work, &pu, 1);
+        kick(&work_pu, &pu, 1);
     }
     sim.registry.offline(1).unwrap();
     sim.registry.failed_offline(1).unwrap();
     kick(&work, &u, 1);
-    kick(&work, &pu, 1);
+    kick(&work_pu, &pu, 1);
     sim.wait_snap("unparks", |s| {
         s.thread(pu.descriptor(), 1).unwrap().calls.unpark == 4
     });
@@ -407,10 +411,15 @@ fn s17_thread_fn_not_concurrent_not_before_setup_not_after_park_seen() {
     // A long thread_fn polls should_yield and returns early on park.
     let saw = Arc::new(Mutex::new(None));
     let s2 = Arc::clone(&saw);
+    let running = Arc::new(AtomicBool::new(false));
+    let r2 = Arc::clone(&running);
     let long = ThreadDescriptor::builder(
         "long/%u",
         |_| true,
         move |ctx| {
+            if ctx.cpu() == 1 {
+                r2.store(true, Ordering::SeqCst);
+            }
             while !ctx.should_yield() {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -419,7 +428,7 @@ fn s17_thread_fn_not_concurrent_not_before_setup_not_after_park_seen() {
     )
     .build();
     sim.registry.register(&long).unwrap();
-    std::thread::sleep(Duration::from_millis(10));
+    wait_until("long thread_fn", || running.load(Ordering::SeqCst));
     sim.registry.offline(1).unwrap();
     assert_eq!(*saw.lock().unwrap(), Some((1, true, false)));
     sim.registry.unregister(&long).unwrap();

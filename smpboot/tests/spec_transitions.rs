@@ -74,7 +74,11 @@ fn s08_online_unparks_newest_first_without_waiting() {
     let gate = Gate::new();
     let g = Arc::clone(&gate);
     let blocking = ThreadDescriptor::builder("blk/%u", |_| false, |_| {})
-        .setup(move |_| g.wait())
+        .setup(move |cpu| {
+            if cpu == 2 {
+                g.wait();
+            }
+        })
         .build();
     let blk = sim.registry.register(&blocking).unwrap().descriptor();
     let hs = three(&sim, &log, &work);
