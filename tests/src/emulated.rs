@@ -270,7 +270,8 @@ impl EmulatedHost {
         let writer = link
             .try_clone()
             .ctx(|| "cannot clone the link socket".into())?;
-        let mux = Mux::listener(Box::new(reader), Box::new(writer));
+        let mux = Mux::listener(Box::new(reader), Box::new(writer))
+            .ctx(|| "cannot start the API forward".into())?;
         let forwarder = api_listener.map(|(l, p)| Forwarder::serve(l, p, mux.clone()));
         let mut host = EmulatedHost {
             qemu,

@@ -89,7 +89,7 @@ struct Rig {
 
 fn rig(name: &str, target: PathBuf) -> Rig {
     let (a, b) = UnixStream::pair().unwrap();
-    let host = Mux::listener(Box::new(a.try_clone().unwrap()), Box::new(a));
+    let host = Mux::listener(Box::new(a.try_clone().unwrap()), Box::new(a)).unwrap();
     let connector = Box::new(move |_id: u32| UnixStream::connect(&target));
     let guest = Mux::connector(Box::new(b.try_clone().unwrap()), Box::new(b), connector).unwrap();
     let path = std::env::temp_dir().join(format!("e2e-mux-{name}-{}.sock", std::process::id()));
@@ -208,7 +208,7 @@ fn refused_connection_is_closed_not_hung() {
 #[test]
 fn dead_link_closes_clients() {
     let (a, b) = UnixStream::pair().unwrap();
-    let host = Mux::listener(Box::new(a.try_clone().unwrap()), Box::new(a));
+    let host = Mux::listener(Box::new(a.try_clone().unwrap()), Box::new(a)).unwrap();
     let path = std::env::temp_dir().join(format!("e2e-mux-dead-{}.sock", std::process::id()));
     let _fwd = Forwarder::bind(&path, host.clone()).unwrap();
     // The peer never says hello and goes away.

@@ -126,7 +126,8 @@ fn run() -> Result<()> {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into());
 
-    let forward_tty = match &job.api_socket {
+    // The multiplexer's handle lives until power-off with the tty.
+    let forward = match &job.api_socket {
         Some(path) => Some(start_forward(PathBuf::from(path))?),
         None => None,
     };
@@ -155,7 +156,7 @@ fn run() -> Result<()> {
             )
         }
     };
-    if let Some(tty) = &forward_tty {
+    if let Some((tty, _mux)) = &forward {
         let _ = sys::tcdrain(tty);
     }
     say(&line);
@@ -189,8 +190,9 @@ fn mount_basics() -> Result<()> {
 }
 
 /// Opens the forward's serial port in raw mode and serves the connecting
-/// end of the multiplexer on it. Returns the tty for draining at exit.
-fn start_forward(api_socket: PathBuf) -> Result<File> {
+/// end of the multiplexer on it. Returns the tty (drained at exit) and the
+/// multiplexer.
+fn start_forward(api_socket: PathBuf) -> Result<(File, Mux)> {
     let tty = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -204,9 +206,7 @@ fn start_forward(api_socket: PathBuf) -> Result<File> {
     let connector = Box::new(move |_id: u32| connect_patiently(&api_socket));
     let mux = Mux::connector(Box::new(reader), Box::new(writer), connector)
         .context("stage=forward cannot send hello")?;
-    // The mux lives as long as its threads; keep a handle alive forever.
-    std::mem::forget(mux);
-    Ok(tty)
+    Ok((tty, mux))
 }
 
 /// Connects to `path`, waiting for the VMM to create it.

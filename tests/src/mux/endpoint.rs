@@ -123,7 +123,10 @@ pub struct Mux {
 
 impl Mux {
     /// The listening end (the harness): channels are opened with [`Mux::open`].
-    pub fn listener(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>) -> Self {
+    pub fn listener(
+        reader: Box<dyn Read + Send>,
+        writer: Box<dyn Write + Send>,
+    ) -> io::Result<Self> {
         Self::start(reader, writer, None)
     }
 
@@ -134,7 +137,7 @@ impl Mux {
         writer: Box<dyn Write + Send>,
         connector: Connector,
     ) -> io::Result<Self> {
-        let mux = Self::start(reader, writer, Some(connector));
+        let mux = Self::start(reader, writer, Some(connector))?;
         mux.shared.send(&Frame::hello())?;
         Ok(mux)
     }
@@ -143,7 +146,7 @@ impl Mux {
         reader: Box<dyn Read + Send>,
         writer: Box<dyn Write + Send>,
         connector: Option<Connector>,
-    ) -> Self {
+    ) -> io::Result<Self> {
         let shared = Arc::new(Shared {
             writer: Mutex::new(writer),
             conns: Mutex::new(HashMap::new()),
@@ -155,9 +158,8 @@ impl Mux {
         let s = shared.clone();
         thread::Builder::new()
             .name("mux-link".into())
-            .spawn(move || s.read_link(reader))
-            .expect("spawn mux link reader");
-        Mux { shared }
+            .spawn(move || s.read_link(reader))?;
+        Ok(Mux { shared })
     }
 
     /// Waits until the peer said Hello. False on timeout or a dead link.
