@@ -1,27 +1,65 @@
-//! The agent proper: announce readiness, then follow CPU uevents, bringing
-//! hot-added CPUs online and reporting every change of the online set.
+//! The agent's state machine: CPU events in, registry transitions and
+//! sysfs writes, reports out.
 //!
-//! [`Agent`] holds the state and decides what to do and say; it touches
-//! only sysfs, so it is tested against a fake sysfs tree. [`run`] is the
-//! I/O loop around it: one thread polling the uevent socket and the
-//! signalfd.
+//! [`Agent`] owns the worker registry (the `smpboot` crate) and the
+//! workers, and reacts to three inputs: CPU events from the
+//! [`SysfsTopology`] ([`Agent::on_uevents`]), lines from the VMM
+//! ([`Agent::on_host_line`]) and the passing of time ([`Agent::tick`]).
+//! It does no I/O of its own besides sysfs: what it has to say goes to an
+//! [`Outbox`] (messages for the VMM, lines for the console) that the event
+//! loop ([`crate::event_loop`]) drains. So the whole protocol runs on a
+//! host against a fake sysfs tree and a fake uevent source.
 //!
-//! Console lines (all short, see [`crate::console`]):
-//! - `GUEST-READY nproc=2 online=0-1 present=0-1 possible=0-7 up=1.52`
-//! - `GUEST-CPU online=0-2` when the online set changed
+//! # CPU transitions
+//! | input                               | action                                                      |
+//! |-------------------------------------|-------------------------------------------------------------|
+//! | `add` uevent, CPU offline           | registry `prepare` (threads created, parked), write 1       |
+//! | `online` uevent                     | registry `online` (unpark); report `cpu` online             |
+//! | `offline`/`remove`, registry online | registry `forced_offline` (park late); report `requested:false` |
+//! | `prepare_remove`                    | registry `offline` (park, synchronous), write 0, answer     |
+//! | ... the write fails                 | registry `failed_offline` (unpark), answer `ok:false`       |
+//!
+//! The hotplug lock is held across each sysfs write, as the kernel holds
+//! its own. A CPU is reported to the VMM only when sysfs and the registry
+//! agree on it (online means its workers were unparked).
+//!
+//! # Messages to the VMM
+//! `ready` first; `cpu` on every change of the reported online set;
+//! `prepared` answers; `workers` when its structure (threads, statuses,
+//! setup/park/unpark counts) changed, checked at most every
+//! [`WORKERS_DEBOUNCE`], and on request; `heartbeat` after
+//! [`HEARTBEAT_MS`] without any other message. After a `silence` fault
+//! nothing at all.
+//!
+//! Console lines (few: each costs ~15 ms nested):
+//! - `GUEST-READY nproc=2 online=0-1 present=0-1 possible=0-7 up=1.52 agent=1 workers=3`
+//! - `GUEST-CPU online=0-2` when the reported set changed (` forced=N` if
+//!   CPU N went down unasked)
 //! - `GUEST-ERROR ...` when something failed but the agent goes on
 //! - `GUEST-TRACE up=12.34 ...` per CPU event with `agent.trace`
-//! - `GUEST-POWEROFF ...` / `GUEST-FATAL ...` on the way out
 
+use std::collections::BTreeSet;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::mem;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use api::agent::{decode, Fault, GuestMessage, HostMessage, Line, HEARTBEAT_MS};
+use smpboot::{
+    CpuEvent, CpuEventKind, CpuState, Placement, Registry, RegistryError, Topology, TopologyError,
+};
 use thiserror::Error;
 
-use crate::cmdline::{Options, PowerOffWhen};
-use crate::init::{self, MountError, Signal, Signals};
-use crate::sysfs::{CpuList, Sysfs, SysfsError};
-use crate::uevent::{CpuEvent, CpuEventKind, Received, UeventSocket};
+use crate::cmdline::Options;
+use crate::init::MountError;
+use crate::sysfs::{CpuList, SysfsError};
+use crate::topology::SysfsTopology;
+use crate::workers::{self, Workers, WorkersError};
+
+/// Least time between two unrequested `workers` messages.
+pub const WORKERS_DEBOUNCE: Duration = Duration::from_millis(500);
+/// The answer to a `prepare_remove` refused by the `refuse_offline` fault.
+pub const REFUSED_BY_FAULT: &str = "refused by test fault";
 
 /// Why the agent stopped working.
 #[derive(Debug, Error)]
@@ -32,9 +70,18 @@ pub enum AgentError {
     /// `/proc/cmdline` could not be read.
     #[error("cannot read /proc/cmdline")]
     Cmdline(#[source] io::Error),
-    /// The CPU lists could not be read at start.
+    /// The CPU topology could not be read, or its event source failed.
+    #[error("CPU topology")]
+    Topology(#[from] TopologyError),
+    /// The CPU lists could not be read.
     #[error(transparent)]
     Sysfs(#[from] SysfsError),
+    /// The worker registry could not be built.
+    #[error("worker registry")]
+    Registry(#[from] RegistryError),
+    /// The workers could not start.
+    #[error(transparent)]
+    Workers(#[from] WorkersError),
     /// The uevent socket failed.
     #[error("uevent socket")]
     Uevent(#[source] io::Error),
@@ -53,12 +100,49 @@ pub enum Exit {
     PowerOff(String),
 }
 
-/// The agent's state: options and the online set last reported.
+/// What the agent has to say, drained by the event loop.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outbox {
+    /// Messages for the VMM, in order.
+    pub host: Vec<GuestMessage>,
+    /// Console lines, in order.
+    pub console: Vec<String>,
+}
+
+/// How the agent is set up besides its options.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where worker threads are placed ([`smpboot::PinnedPlacement`] in
+    /// the guest).
+    pub placement: Arc<dyn Placement>,
+    /// The version sent in `ready`.
+    pub version: String,
+    /// Whether a VMM channel is open (shown as `agent=1` on the console).
+    pub channel: bool,
+    /// Console lines to print before the ready line.
+    pub preface: Vec<String>,
+}
+
+/// The agent's state.
 #[derive(Debug)]
 pub struct Agent {
-    sysfs: Sysfs,
+    // Dropped first: the load generator stops before the registry.
+    workers: Workers,
+    registry: Registry,
+    topo: Arc<SysfsTopology>,
     opts: Options,
-    reported: Option<CpuList>,
+    /// The online set the VMM was told about.
+    reported: CpuList,
+    /// CPUs this agent wrote 1 to and has not seen online yet.
+    onlining: BTreeSet<u32>,
+    /// CPUs whose next `prepare_remove` is refused (test fault).
+    refuse: BTreeSet<u32>,
+    silenced: bool,
+    out: Outbox,
+    last_sent: Instant,
+    workers_checked: Option<Instant>,
+    workers_sent: Option<workers::Structure>,
+    dropped_lines: u64,
 }
 
 fn uptime() -> Option<String> {
@@ -71,39 +155,100 @@ fn trace_line(what: &str) -> String {
     format!("GUEST-TRACE up={} {what}", uptime().unwrap_or_default())
 }
 
+/// The conventional name of the errnos a CPU's `online` file returns.
+fn errno_name(errno: i32) -> Option<&'static str> {
+    Some(match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EBUSY => "EBUSY",
+        libc::ENODEV => "ENODEV",
+        libc::EINVAL => "EINVAL",
+        libc::EROFS => "EROFS",
+        libc::ECANCELED => "ECANCELED",
+        _ => return None,
+    })
+}
+
+/// A short reason for a failed sysfs write: `EBUSY: Device or resource
+/// busy`, or the error's text when there is no errno.
+pub fn reason(e: &TopologyError) -> String {
+    if let TopologyError::Io { source, .. } = e {
+        if let Some(errno) = source.raw_os_error() {
+            let text = io::Error::from_raw_os_error(errno).to_string();
+            let text = text.split(" (os error").next().unwrap_or_default();
+            return match errno_name(errno) {
+                Some(name) => format!("{name}: {text}"),
+                None => format!("errno {errno}: {text}"),
+            };
+        }
+    }
+    e.to_string()
+}
+
+fn errno_of(e: &TopologyError) -> i32 {
+    match e {
+        TopologyError::Io { source, .. } => source.raw_os_error().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 impl Agent {
-    /// An agent working on `sysfs` with `opts`.
-    pub fn new(sysfs: Sysfs, opts: Options) -> Self {
-        Self {
-            sysfs,
+    /// Builds the registry from the topology, registers the workers,
+    /// brings present but offline CPUs online (unless
+    /// `agent.autoonline=0`: they may have been hot-added before the agent
+    /// listened), and queues the ready line and message.
+    pub fn start(
+        topo: Arc<SysfsTopology>,
+        opts: Options,
+        cfg: AgentConfig,
+    ) -> Result<Self, AgentError> {
+        let possible = topo.possible_cpus()?;
+        let online = topo.online_cpus()?;
+        let registry = Registry::builder()
+            .cpus(possible.iter().copied(), online.iter().copied())
+            .placement(Arc::clone(&cfg.placement))
+            .build()?;
+        let workers = Workers::start(&registry, cfg.placement, &online, opts.load)?;
+        let mut agent = Self {
+            workers,
+            registry,
+            topo,
             opts,
-            reported: None,
-        }
-    }
-
-    /// The options in force.
-    pub fn options(&self) -> &Options {
-        &self.opts
-    }
-
-    /// Brings present but offline CPUs online (unless `agent.autoonline=0`:
-    /// they may have been hot-added before the agent listened) and returns
-    /// the lines to print, the ready line last.
-    pub fn start(&mut self) -> Result<Vec<String>, AgentError> {
-        let mut lines = Vec::new();
-        if !self.opts.unknown.is_empty() {
-            lines.push(format!(
+            reported: online.iter().copied().collect(),
+            onlining: BTreeSet::new(),
+            refuse: BTreeSet::new(),
+            silenced: false,
+            out: Outbox::default(),
+            last_sent: Instant::now(),
+            workers_checked: None,
+            workers_sent: None,
+            dropped_lines: 0,
+        };
+        agent.out.console.extend(cfg.preface);
+        if !agent.opts.unknown.is_empty() {
+            let line = format!(
                 "GUEST-ERROR unknown options {}",
-                self.opts.unknown.join(",")
-            ));
+                agent.opts.unknown.join(",")
+            );
+            agent.out.console.push(line);
         }
-        let present = self.sysfs.present()?;
-        if self.opts.autoonline {
-            let offline = present.difference(&self.sysfs.online()?);
-            lines.extend(offline.iter().filter_map(|cpu| self.bring_online(cpu)));
+        agent.send(GuestMessage::Ready {
+            version: cfg.version,
+            online,
+        });
+        if agent.opts.autoonline {
+            let present = agent.topo.present_cpus()?;
+            let offline = present.difference(&agent.topo.sysfs().online()?);
+            for cpu in offline.iter() {
+                agent.bring_up(cpu);
+            }
         }
-        let online = self.sysfs.online()?;
-        let possible = self.sysfs.possible()?;
+        let sysfs = agent.topo.sysfs();
+        let (online, present, possible) = (sysfs.online()?, sysfs.present()?, sysfs.possible()?);
         let mut ready = format!(
             "GUEST-READY nproc={} online={online} present={present} possible={possible}",
             online.len()
@@ -111,293 +256,358 @@ impl Agent {
         if let Some(up) = uptime() {
             ready.push_str(&format!(" up={up}"));
         }
-        lines.push(ready);
-        self.reported = Some(online);
-        Ok(lines)
+        ready.push_str(&format!(
+            " agent={} workers={}",
+            u8::from(cfg.channel),
+            agent.workers.descriptors().len()
+        ));
+        agent.out.console.push(ready);
+        Ok(agent)
     }
 
-    /// Writes 1 to the CPU's online file; returns an error line on failure.
-    fn bring_online(&self, cpu: u32) -> Option<String> {
-        match self.sysfs.set_online(cpu, true) {
-            Ok(()) => None,
-            Err(e) => Some(format!(
-                "GUEST-ERROR cpu={cpu} online errno={}",
-                e.errno().unwrap_or(0)
-            )),
+    /// The options in force.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// The worker registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The workers.
+    pub fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
+    /// The online set last reported to the VMM.
+    pub fn reported(&self) -> &CpuList {
+        &self.reported
+    }
+
+    /// Whether a `silence` fault stopped all messages.
+    pub fn is_silenced(&self) -> bool {
+        self.silenced
+    }
+
+    /// Lines from the VMM that were dropped (malformed, wrong version,
+    /// oversized, a fault without its CPU).
+    pub fn dropped_lines(&self) -> u64 {
+        self.dropped_lines
+    }
+
+    /// Takes what the agent has to say.
+    pub fn take_output(&mut self) -> Outbox {
+        mem::take(&mut self.out)
+    }
+
+    fn send(&mut self, msg: GuestMessage) {
+        if self.silenced {
+            return;
+        }
+        self.out.host.push(msg);
+        self.last_sent = Instant::now();
+    }
+
+    fn error(&mut self, line: String) {
+        self.out.console.push(format!("GUEST-ERROR {line}"));
+    }
+
+    fn trace(&mut self, what: &str) {
+        if self.opts.trace {
+            self.out.console.push(trace_line(what));
         }
     }
 
-    /// A `GUEST-CPU` line if the online set differs from the one last
-    /// reported (`agent.quiet` suppresses it).
-    fn report_change(&mut self) -> Option<String> {
-        let online = match self.sysfs.online() {
-            Ok(online) => online,
-            Err(e) => return Some(format!("GUEST-ERROR {e}")),
+    /// Handles every CPU event the topology has queued.
+    pub fn on_uevents(&mut self) -> Result<(), AgentError> {
+        while let Some(event) = self.topo.next_event(Duration::ZERO)? {
+            self.on_cpu_event(event);
+        }
+        Ok(())
+    }
+
+    /// Reacts to one CPU event.
+    pub fn on_cpu_event(&mut self, event: CpuEvent) {
+        self.trace(&format!("{:?} cpu={}", event.kind, event.cpu));
+        match event.kind {
+            CpuEventKind::Added if self.opts.autoonline => match self.topo.is_online(event.cpu) {
+                Ok(false) => self.bring_up(event.cpu),
+                Ok(true) => {}
+                Err(e) => self.error(e.to_string()),
+            },
+            CpuEventKind::Added => {}
+            CpuEventKind::Online => self.came_online(event.cpu),
+            CpuEventKind::Offline | CpuEventKind::Removed => self.went_offline(event.cpu),
+        }
+    }
+
+    /// Prepares the registry for `cpu` and writes 1 to its `online`, under
+    /// the hotplug lock. The workers are unparked on the `online` event.
+    fn bring_up(&mut self, cpu: u32) {
+        let result = (|| -> Result<bool, String> {
+            let mut hp = self.registry.hotplug().map_err(|e| e.to_string())?;
+            if hp.cpu_state(cpu).map_err(|e| e.to_string())? == CpuState::Online {
+                return Ok(false);
+            }
+            hp.prepare(cpu).map_err(|e| format!("prepare: {e}"))?;
+            self.topo
+                .set_online(cpu, true)
+                .map_err(|e| format!("online errno={}", errno_of(&e)))?;
+            Ok(true)
+        })();
+        match result {
+            Ok(true) => {
+                self.onlining.insert(cpu);
+                self.trace(&format!("onlined cpu={cpu}"));
+            }
+            Ok(false) => {}
+            Err(e) => self.error(format!("cpu={cpu} {e}")),
+        }
+    }
+
+    /// `cpu` is online in sysfs: unpark (or create) its workers and report.
+    fn came_online(&mut self, cpu: u32) {
+        match self.topo.is_online(cpu) {
+            Ok(true) => {}
+            Ok(false) => return, // stale
+            Err(e) => return self.error(e.to_string()),
+        }
+        let requested = self.onlining.remove(&cpu);
+        let result = (|| {
+            let mut hp = self.registry.hotplug()?;
+            match hp.cpu_state(cpu)? {
+                CpuState::Online => return Ok(true),
+                CpuState::Prepared => {}
+                // Up without us (an admin): create the workers late.
+                CpuState::Offline => hp.prepare(cpu)?,
+            }
+            hp.online(cpu)?;
+            Ok::<_, RegistryError>(requested)
+        })();
+        match result {
+            Ok(requested) => {
+                self.workers.workload().set_online(cpu, true);
+                self.reconcile(cpu, requested);
+            }
+            Err(RegistryError::UnknownCpu(_)) => {}
+            Err(e) => self.error(format!("cpu={cpu} workers: {e}")),
+        }
+    }
+
+    /// `cpu` is offline in sysfs: if the registry still had it online, it
+    /// went down unasked (forced): park its workers late and report it.
+    fn went_offline(&mut self, cpu: u32) {
+        match self.topo.is_online(cpu) {
+            Ok(false) => {}
+            Ok(true) => return, // stale
+            Err(e) => return self.error(e.to_string()),
+        }
+        self.onlining.remove(&cpu);
+        let report = match self.registry.forced_offline(cpu) {
+            Ok(report) => report,
+            Err(RegistryError::UnknownCpu(_)) => return,
+            Err(e) => return self.error(format!("cpu={cpu} workers: {e}")),
         };
-        if self.reported.as_ref() == Some(&online) {
+        let forced = report.was_forced();
+        if forced {
+            self.workers.workload().set_online(cpu, false);
+            self.trace(&format!("forced offline cpu={cpu}"));
+        }
+        self.reconcile(cpu, !forced);
+    }
+
+    /// Reports `cpu` if sysfs and the registry agree on a state that
+    /// differs from the one last reported.
+    fn reconcile(&mut self, cpu: u32, requested: bool) {
+        let online = match self.topo.is_online(cpu) {
+            Ok(online) => online,
+            Err(e) => return self.error(e.to_string()),
+        };
+        let registry_online = self.registry.cpu_state(cpu).ok() == Some(CpuState::Online);
+        if online != registry_online || self.reported.contains(cpu) == online {
+            return;
+        }
+        if online {
+            self.reported.insert(cpu);
+        } else {
+            self.reported.remove(cpu);
+        }
+        self.send(GuestMessage::Cpu {
+            cpu,
+            online,
+            requested,
+        });
+        if !self.opts.quiet {
+            let mut line = format!("GUEST-CPU online={}", self.reported);
+            if !online && !requested {
+                line.push_str(&format!(" forced={cpu}"));
+            }
+            self.out.console.push(line);
+        }
+    }
+
+    /// The graceful removal protocol: park `cpu`'s workers (synchronously),
+    /// write 0 to its `online`, and answer; if the write fails, unpark
+    /// them again and answer with the reason.
+    pub fn prepare_remove(&mut self, cpu: u32) -> GuestMessage {
+        let answer = |ok: bool, reason: Option<String>| GuestMessage::Prepared { cpu, ok, reason };
+        let state = match self.registry.cpu_state(cpu) {
+            Ok(state) => state,
+            Err(e) => return answer(false, Some(e.to_string())),
+        };
+        if state != CpuState::Online {
+            return match self.topo.is_online(cpu) {
+                // Down already (forced, or asked twice): nothing runs there.
+                Ok(false) => {
+                    self.reconcile(cpu, true);
+                    answer(true, None)
+                }
+                Ok(true) => answer(false, Some(format!("cpu{cpu} workers are {state}"))),
+                Err(e) => answer(false, Some(e.to_string())),
+            };
+        }
+        let refuse = self.refuse.remove(&cpu);
+        let work = Arc::clone(self.workers.workload());
+        work.set_online(cpu, false);
+        let outcome = (|| {
+            let mut hp = self.registry.hotplug().map_err(|e| e.to_string())?;
+            hp.offline(cpu).map_err(|e| e.to_string())?;
+            let write = if refuse {
+                Err(REFUSED_BY_FAULT.to_owned())
+            } else {
+                self.topo.set_online(cpu, false).map_err(|e| reason(&e))
+            };
+            if let Err(why) = write {
+                // CPU_DOWN_FAILED: the workers run again.
+                return Err(match hp.failed_offline(cpu) {
+                    Ok(()) => why,
+                    Err(e) => format!("{why} (and the rollback failed: {e})"),
+                });
+            }
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                self.reconcile(cpu, true);
+                answer(true, None)
+            }
+            Err(why) => {
+                work.set_online(cpu, true);
+                self.error(format!("cpu={cpu} offline: {why}"));
+                answer(false, Some(why))
+            }
+        }
+    }
+
+    /// One line from the VMM; `Some` when the agent should stop.
+    pub fn on_host_line(&mut self, line: Line) -> Option<Exit> {
+        let bytes = match line {
+            Line::Complete(bytes) => bytes,
+            Line::Oversized => {
+                self.dropped_lines += 1;
+                return None;
+            }
+        };
+        match decode::<HostMessage>(&bytes) {
+            Ok(msg) => self.on_host(msg),
+            Err(e) => {
+                self.dropped_lines += 1;
+                self.trace(&format!("dropped host line: {e}"));
+                None
+            }
+        }
+    }
+
+    /// One message from the VMM; `Some` when the agent should stop.
+    pub fn on_host(&mut self, msg: HostMessage) -> Option<Exit> {
+        match msg {
+            // A silenced agent plays hung: it acts on nothing the VMM asks.
+            HostMessage::PrepareRemove { .. } | HostMessage::Snapshot if self.silenced => {}
+            HostMessage::PrepareRemove { cpu } => {
+                let answer = self.prepare_remove(cpu);
+                self.send(answer);
+            }
+            HostMessage::Snapshot => self.send_workers(true),
+            HostMessage::Poweroff => return Some(Exit::PowerOff("reason=host".into())),
+            HostMessage::Fault { fault, cpu } => self.on_fault(fault, cpu),
+        }
+        None
+    }
+
+    fn on_fault(&mut self, fault: Fault, cpu: Option<u32>) {
+        self.trace(&format!("fault {fault:?} cpu={cpu:?}"));
+        match (fault, cpu) {
+            (Fault::RefuseOffline, Some(cpu)) => {
+                self.refuse.insert(cpu);
+            }
+            // As an admin would: the uevent path must notice.
+            (Fault::ForceOffline, Some(cpu)) => {
+                if let Err(e) = self.topo.set_online(cpu, false) {
+                    self.error(format!("cpu={cpu} force offline: {}", reason(&e)));
+                }
+            }
+            (Fault::Silence, _) => {
+                self.silenced = true;
+                self.out.host.clear();
+                self.out.console.push("GUEST-AGENT silenced".into());
+            }
+            (Fault::RefuseOffline | Fault::ForceOffline, None) => self.dropped_lines += 1,
+        }
+    }
+
+    /// Queues a `workers` message if `force` or its structure changed.
+    fn send_workers(&mut self, force: bool) {
+        let Ok(snapshot) = self.registry.snapshot() else {
+            return;
+        };
+        let msg = self.workers.message(&snapshot);
+        let GuestMessage::Workers { workers: infos, .. } = &msg else {
+            return;
+        };
+        let structure = workers::structure(infos);
+        if force || self.workers_sent.as_ref() != Some(&structure) {
+            self.workers_sent = Some(structure);
+            self.send(msg);
+        }
+    }
+
+    /// Time-driven messages: a changed `workers` snapshot (checked every
+    /// [`WORKERS_DEBOUNCE`]) and the heartbeat.
+    pub fn tick(&mut self, now: Instant) {
+        if self.silenced {
+            return;
+        }
+        let due = self
+            .workers_checked
+            .is_none_or(|t| now >= t + WORKERS_DEBOUNCE);
+        let queued = self.out.host.len();
+        if due {
+            self.workers_checked = Some(now);
+            self.send_workers(false);
+        }
+        if now >= self.last_sent + Duration::from_millis(HEARTBEAT_MS)
+            && self.out.host.len() == queued
+        {
+            self.send(GuestMessage::Heartbeat);
+        }
+        if self.out.host.len() > queued {
+            self.last_sent = self.last_sent.max(now);
+        }
+    }
+
+    /// How long the event loop may sleep before [`tick`](Self::tick) has
+    /// something to do; `None`: no timer (silenced).
+    pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        if self.silenced {
             return None;
         }
-        let line = format!("GUEST-CPU online={online}");
-        self.reported = Some(online);
-        (!self.opts.quiet).then_some(line)
-    }
-
-    /// Reacts to one CPU event; returns the lines to print.
-    pub fn on_cpu_event(&mut self, event: CpuEvent) -> Vec<String> {
-        let mut lines = Vec::new();
-        if self.opts.trace {
-            lines.push(trace_line(&format!("{:?} cpu={}", event.kind, event.cpu)));
-        }
-        if event.kind == CpuEventKind::Add && self.opts.autoonline {
-            // Linux does not online a hot-added CPU by itself.
-            match self.sysfs.is_online(event.cpu) {
-                Ok(true) => {}
-                Ok(false) => {
-                    lines.extend(self.bring_online(event.cpu));
-                    if self.opts.trace {
-                        lines.push(trace_line(&format!("onlined cpu={}", event.cpu)));
-                    }
-                }
-                Err(e) => lines.push(format!("GUEST-ERROR {e}")),
-            }
-        }
-        lines.extend(self.report_change());
-        lines
-    }
-
-    /// After lost events: online whatever is present and offline, and
-    /// report the online set if it changed.
-    pub fn resync(&mut self) -> Vec<String> {
-        let mut lines = Vec::new();
-        if self.opts.autoonline {
-            match (self.sysfs.present(), self.sysfs.online()) {
-                (Ok(present), Ok(online)) => {
-                    let offline = present.difference(&online);
-                    lines.extend(offline.iter().filter_map(|cpu| self.bring_online(cpu)));
-                }
-                (Err(e), _) | (_, Err(e)) => lines.push(format!("GUEST-ERROR {e}")),
-            }
-        }
-        lines.extend(self.report_change());
-        lines
-    }
-}
-
-fn say_all(lines: &[String]) {
-    for line in lines {
-        crate::console::say(line);
-    }
-}
-
-/// Waits until one of the descriptors is readable; returns which.
-fn poll2(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<(bool, bool)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: fds is a live array of two initialised pollfd structures and
-    // the count passed is its length.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-    if rc < 0 {
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::Interrupted {
-            return Ok((false, false));
-        }
-        return Err(err);
-    }
-    let ready = |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
-    Ok((ready(&fds[0]), ready(&fds[1])))
-}
-
-/// Everything PID 1 (or a hand-run agent) does: mount (PID 1 only), read
-/// the options (`cmdline` overrides `/proc/cmdline`; not as PID 1,
-/// `agent.autoonline` defaults to off), listen for uevents, say ready, then
-/// loop until a stop is requested.
-pub fn run(cmdline: Option<&str>) -> Result<Exit, AgentError> {
-    if init::is_pid1() {
-        init::install_panic_hook();
-        init::mount_filesystems()?;
-    }
-    // Before any thread exists, so every later thread inherits the mask.
-    let signals = Signals::new().map_err(AgentError::Signals)?;
-    let mut text = match cmdline {
-        Some(c) => c.to_owned(),
-        None => std::fs::read_to_string("/proc/cmdline").map_err(AgentError::Cmdline)?,
-    };
-    if !init::is_pid1() {
-        // On a host, touch no CPU unless asked: a later option overrides.
-        text.insert_str(0, "agent.autoonline=0 ");
-    }
-    let opts = Options::parse(&text);
-    // Listen first, then look: no hot-add falls between the two.
-    let socket = UeventSocket::open().map_err(AgentError::Uevent)?;
-    let mut agent = Agent::new(Sysfs::new(), opts);
-    say_all(&agent.start()?);
-    if agent.options().poweroff == Some(PowerOffWhen::Ready) {
-        return Ok(Exit::PowerOff("reason=ready".into()));
-    }
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let (uevents, sigs) = poll2(socket.as_fd(), signals.as_fd()).map_err(AgentError::Poll)?;
-        if sigs {
-            for signal in signals.read().map_err(AgentError::Signals)? {
-                match signal {
-                    Signal::Child => {
-                        init::reap_children();
-                    }
-                    Signal::Stop(sig) => {
-                        return Ok(Exit::PowerOff(format!("signal={}", init::signal_name(sig))));
-                    }
-                }
-            }
-        }
-        if uevents {
-            loop {
-                match socket.recv(&mut buf).map_err(AgentError::Uevent)? {
-                    Received::Message(n) => {
-                        if let Some(event) = CpuEvent::parse(&buf[..n]) {
-                            say_all(&agent.on_cpu_event(event));
-                        }
-                    }
-                    Received::Dropped => {}
-                    Received::Overrun => say_all(&agent.resync()),
-                    Received::WouldBlock => break,
-                }
-            }
-        }
+        let heartbeat = self.last_sent + Duration::from_millis(HEARTBEAT_MS);
+        let workers = self.workers_checked.map_or(now, |t| t + WORKERS_DEBOUNCE);
+        Some(heartbeat.min(workers).saturating_duration_since(now))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sysfs::tests::FakeCpus;
-
-    fn agent(fake: &FakeCpus, cmdline: &str) -> Agent {
-        Agent::new(fake.sysfs(), Options::parse(cmdline))
-    }
-
-    fn add(cpu: u32) -> CpuEvent {
-        CpuEvent {
-            kind: CpuEventKind::Add,
-            cpu,
-        }
-    }
-
-    #[test]
-    fn ready_line_and_autoonline_at_start() {
-        let fake = FakeCpus::new("start", "0-7", "0-2", "0-1");
-        let mut a = agent(&fake, "");
-        let lines = a.start().unwrap();
-        // The fake kernel does not update `online`, so nproc stays 2.
-        assert_eq!(lines.len(), 1, "{lines:?}");
-        assert!(
-            lines[0].starts_with("GUEST-READY nproc=2 online=0-1 present=0-2 possible=0-7"),
-            "{}",
-            lines[0]
-        );
-        assert_eq!(fake.get("cpu2/online"), "1");
-    }
-
-    #[test]
-    fn no_autoonline_when_disabled() {
-        let fake = FakeCpus::new("noauto", "0-3", "0-2", "0-1");
-        let mut a = agent(&fake, "agent.autoonline=0 agent.foo");
-        let lines = a.start().unwrap();
-        assert_eq!(lines[0], "GUEST-ERROR unknown options agent.foo");
-        assert_eq!(fake.get("cpu2/online"), "0");
-        assert!(a.on_cpu_event(add(2)).is_empty());
-        assert_eq!(fake.get("cpu2/online"), "0");
-    }
-
-    #[test]
-    fn hot_add_onlines_and_reports_once() {
-        let fake = FakeCpus::new("hotadd", "0-3", "0-1", "0-1");
-        let mut a = agent(&fake, "");
-        a.start().unwrap();
-        // The kernel adds cpu2 (offline) and emits add@.
-        std::fs::create_dir_all(fake.0.join("cpu2")).unwrap();
-        fake.set("cpu2/online", "0\n");
-        fake.set("present", "0-2\n");
-        assert!(
-            a.on_cpu_event(add(2)).is_empty(),
-            "online set unchanged so far"
-        );
-        assert_eq!(fake.get("cpu2/online"), "1");
-        // The kernel brings it up and emits online@.
-        fake.set("online", "0-2\n");
-        let online = CpuEvent {
-            kind: CpuEventKind::Online,
-            cpu: 2,
-        };
-        assert_eq!(a.on_cpu_event(online), ["GUEST-CPU online=0-2"]);
-        assert!(a.on_cpu_event(online).is_empty(), "no repeat");
-        // Offline and remove.
-        fake.set("online", "0-1\n");
-        let offline = CpuEvent {
-            kind: CpuEventKind::Offline,
-            cpu: 2,
-        };
-        assert_eq!(a.on_cpu_event(offline), ["GUEST-CPU online=0-1"]);
-    }
-
-    #[test]
-    fn already_online_cpu_is_left_alone() {
-        let fake = FakeCpus::new("already", "0-3", "0-2", "0-2");
-        let mut a = agent(&fake, "");
-        a.start().unwrap();
-        fake.set("cpu2/online", "1\n");
-        assert!(a.on_cpu_event(add(2)).is_empty());
-        assert_eq!(fake.get("cpu2/online"), "1", "not rewritten");
-    }
-
-    #[test]
-    fn failures_are_reported_not_fatal() {
-        let fake = FakeCpus::new("fail", "0-3", "0-1", "0-1");
-        let mut a = agent(&fake, "");
-        a.start().unwrap();
-        // cpu3 has no directory: the write fails with ENOENT.
-        fake.set("present", "0-1,3\n");
-        let lines = a.resync();
-        assert_eq!(
-            lines,
-            [format!("GUEST-ERROR cpu=3 online errno={}", libc::ENOENT)]
-        );
-        fake.set("online", "bad");
-        let lines = a.on_cpu_event(add(0));
-        assert_eq!(lines.len(), 2, "{lines:?}");
-        assert!(lines
-            .iter()
-            .all(|l| l.starts_with("GUEST-ERROR unexpected contents in")));
-    }
-
-    #[test]
-    fn trace_lines_when_asked() {
-        let fake = FakeCpus::new("trace", "0-3", "0-1", "0-1");
-        let mut a = agent(&fake, "agent.trace");
-        a.start().unwrap();
-        std::fs::create_dir_all(fake.0.join("cpu2")).unwrap();
-        fake.set("cpu2/online", "0\n");
-        let lines = a.on_cpu_event(add(2));
-        assert_eq!(lines.len(), 2, "{lines:?}");
-        assert!(lines[0].starts_with("GUEST-TRACE up=") && lines[0].ends_with(" Add cpu=2"));
-        assert!(lines[1].ends_with(" onlined cpu=2"));
-    }
-
-    #[test]
-    fn quiet_suppresses_cpu_lines() {
-        let fake = FakeCpus::new("quiet", "0-3", "0-2", "0-1");
-        let mut a = agent(&fake, "agent.quiet agent.autoonline=0");
-        a.start().unwrap();
-        fake.set("online", "0-2\n");
-        assert!(a.resync().is_empty());
-    }
-}
+#[path = "agent_tests.rs"]
+mod tests;

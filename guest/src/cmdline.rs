@@ -10,8 +10,15 @@
 //! | `agent.quiet`          | print only the ready line, errors and the power-off |
 //! | `agent.autoonline=0`   | do not online hot-added (or present, offline) CPUs  |
 //! | `agent.trace`          | timestamped `GUEST-TRACE` lines per CPU event (debug) |
+//! | `agent.load=N`         | work items per second the load generator spreads (default 20, 0: none) |
+//! | `agent.readonly`       | never write a CPU's `online` file (default when run by hand) |
 
 use std::fmt;
+
+/// Default `agent.load`: work items per second over all online CPUs.
+pub const DEFAULT_LOAD: u64 = 20;
+/// Largest accepted `agent.load`.
+pub const MAX_LOAD: u64 = 100_000;
 
 /// When the agent powers the guest off by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +38,10 @@ pub struct Options {
     pub autoonline: bool,
     /// `agent.trace`: print a line per CPU event with the guest's uptime.
     pub trace: bool,
+    /// `agent.load=`: work items per second for the per-CPU workers.
+    pub load: u64,
+    /// `agent.readonly`: refuse every write to sysfs.
+    pub readonly: bool,
     /// `agent.*` parameters that were not understood, verbatim.
     pub unknown: Vec<String>,
 }
@@ -42,6 +53,8 @@ impl Default for Options {
             quiet: false,
             autoonline: true,
             trace: false,
+            load: DEFAULT_LOAD,
+            readonly: false,
             unknown: Vec::new(),
         }
     }
@@ -117,6 +130,12 @@ impl Options {
                 "quiet" => parse_bool(value).map(|b| opts.quiet = b).is_some(),
                 "autoonline" => parse_bool(value).map(|b| opts.autoonline = b).is_some(),
                 "trace" => parse_bool(value).map(|b| opts.trace = b).is_some(),
+                "readonly" => parse_bool(value).map(|b| opts.readonly = b).is_some(),
+                "load" => value
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .filter(|&n| n <= MAX_LOAD)
+                    .map(|n| opts.load = n)
+                    .is_some(),
                 _ => false,
             };
             if !understood {
@@ -140,9 +159,11 @@ impl fmt::Display for Options {
         };
         write!(
             f,
-            "poweroff={poweroff} quiet={} autoonline={}",
+            "poweroff={poweroff} quiet={} autoonline={} load={} readonly={}",
             u8::from(self.quiet),
-            u8::from(self.autoonline)
+            u8::from(self.autoonline),
+            self.load,
+            u8::from(self.readonly)
         )?;
         if !self.unknown.is_empty() {
             write!(f, " unknown={}", self.unknown.join(","))?;
@@ -168,7 +189,10 @@ mod tests {
         let o = Options::parse("BOOT_IMAGE=/vmlinuz root=/dev/sda1 quiet console=ttyS0");
         assert_eq!(o, Options::default());
         assert!(o.autoonline);
-        assert_eq!(o.to_string(), "poweroff=never quiet=0 autoonline=1");
+        assert_eq!(
+            o.to_string(),
+            "poweroff=never quiet=0 autoonline=1 load=20 readonly=0"
+        );
     }
 
     #[test]
@@ -184,6 +208,17 @@ mod tests {
         assert!(o
             .to_string()
             .ends_with("unknown=agent.bogus=1,agent.quiet=maybe"));
+    }
+
+    #[test]
+    fn parses_load_and_readonly() {
+        let o = Options::parse("agent.load=0 agent.readonly");
+        assert_eq!((o.load, o.readonly), (0, true));
+        let o = Options::parse("agent.readonly=1 agent.readonly=0 agent.load=500");
+        assert_eq!((o.load, o.readonly), (500, false));
+        let o = Options::parse("agent.load=-1 agent.load=x agent.load agent.load=100001");
+        assert_eq!(o.load, DEFAULT_LOAD);
+        assert_eq!(o.unknown.len(), 4);
     }
 
     #[test]

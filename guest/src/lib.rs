@@ -1,28 +1,49 @@
 //! The guest agent: the guest's init (PID 1) and its link to the VMM.
 //!
-//! Today it mounts the kernel file systems, says `GUEST-READY` on the
-//! console, brings hot-added CPUs online (Linux leaves them offline) and
-//! reports each change of the online CPU set. It will grow a per-CPU worker
-//! registry (the `smpboot` crate) and a protocol to the VMM over a second
-//! UART.
+//! It mounts the kernel file systems, runs per-CPU workers in an
+//! [`smpboot`] registry, brings hot-added CPUs online and walks their
+//! workers through prepare, online, offline and forced offline, takes part
+//! in the VMM's graceful CPU removal, and reports all of it over the
+//! second UART (`/dev/ttyS1`) in the `api::agent` protocol. The console
+//! gets only a few `GUEST-*` lines.
 //!
-//! Threading: one thread. [`agent::run`] polls two descriptors, the
-//! kernel's uevent netlink socket and a signalfd (SIGCHLD to reap orphans,
-//! SIGTERM/SIGINT/SIGUSR2/SIGPWR to power off), and handles each event to
-//! completion; writing a CPU's `online` file blocks until the kernel is
-//! done with it, which orders the agent's reports after the kernel's work.
+//! Threading: the agent's own thread runs [`event_loop::run`], polling the
+//! kernel's uevent netlink socket, a signalfd (SIGCHLD to reap orphans,
+//! SIGTERM/SIGINT/SIGUSR2/SIGPWR to power off) and the VMM channel, and
+//! handles each event to completion. Besides it: one thread per (worker
+//! kind, CPU) owned by the registry, and the load generator.
 //!
 //! Modules: [`init`] (PID 1 duties), [`sysfs`] (CPU lists and switches),
-//! [`uevent`] (socket and parser), [`cmdline`] (`agent.*` options),
-//! [`agent`] (state and loop), [`console`] (output).
+//! [`uevent`] (socket and parser), [`topology`] (the registry's
+//! `Topology`: sysfs + uevents), [`workers`] (the three worker kinds and
+//! the load), [`channel`] (ttyS1), [`agent`] (the state machine: CPU
+//! transitions, removal protocol, faults, reports), [`event_loop`] (I/O),
+//! [`kmsg`] (kernel log lines), [`cmdline`] (`agent.*` options),
+//! [`console`] (output).
 //!
 //! The binary is built static for the guest image (see the `resources`
 //! crate) and also runs on a host as a plain process, where it mounts
-//! nothing and never powers anything off.
+//! nothing, writes nothing to sysfs and never powers anything off.
 
 pub mod agent;
+pub mod channel;
 pub mod cmdline;
 pub mod console;
+pub mod event_loop;
 pub mod init;
+pub mod kmsg;
 pub mod sysfs;
+pub mod topology;
 pub mod uevent;
+pub mod workers;
+
+/// An error and its sources, joined with `": "`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}

@@ -1,22 +1,31 @@
 //! `guest-agent`: the guest's `/init`. See the `guest` library for what it
 //! does; this file only picks the mode.
 
-use guest::agent::{self, Agent, Exit};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use api::agent::encode;
+use guest::agent::{Agent, AgentConfig, Exit};
 use guest::cmdline::Options;
 use guest::console::say;
-use guest::init;
 use guest::sysfs::Sysfs;
+use guest::topology::SysfsTopology;
 use guest::uevent::UeventSocket;
+use guest::{error_chain, event_loop, init, kmsg};
 
-const USAGE: &str = "usage: guest-agent [--selftest] [--cmdline 'agent.OPTION ...']
+const USAGE: &str = "usage: guest-agent [--selftest] [--cmdline 'agent.OPTION ...'] [--channel TTY]
 
-As PID 1 (the guest's /init) arguments are ignored and options come from
-/proc/cmdline. Run by hand it mounts nothing and exits instead of powering
-off; CPUs are only onlined if agent.autoonline=1 is given.
+As PID 1 (the guest's /init) arguments are ignored, options come from
+/proc/cmdline and the VMM channel is /dev/ttyS1. Run by hand it mounts
+nothing, opens no channel unless given one, writes nothing to sysfs
+(agent.readonly=1 agent.autoonline=0 unless overridden) and exits instead
+of powering off.
   --selftest        print what the agent sees on this machine and exit
-  --cmdline STRING  take agent.* options from STRING, not /proc/cmdline";
+  --cmdline STRING  take agent.* options from STRING, not /proc/cmdline
+  --channel TTY     talk the agent protocol on TTY (raw mode is set)";
 
-/// Reads the host's CPU state read-only and prints it.
+/// Starts the agent read-only on this machine, prints what it would say
+/// and exits.
 fn selftest(cmdline: Option<&str>) -> Result<(), String> {
     let text = match cmdline {
         Some(c) => c.to_owned(),
@@ -25,47 +34,52 @@ fn selftest(cmdline: Option<&str>) -> Result<(), String> {
         }
     };
     let mut opts = Options::parse(&text);
-    // Read-only: never online the host's CPUs.
+    // Read-only: never touch the host's CPUs.
     opts.autoonline = false;
+    opts.readonly = true;
+    opts.load = 0;
     say(&format!(
         "selftest pid={} pid1={}",
         std::process::id(),
         init::is_pid1()
     ));
     say(&format!("options {opts}"));
-    let mut agent = Agent::new(Sysfs::new(), opts);
-    for line in agent.start().map_err(|e| error_chain(&e))? {
-        say(&line);
+    say(&kmsg::smpboot_line().unwrap_or_else(|| "no smpboot line in the kernel log".into()));
+    let socket = UeventSocket::open().map_err(|e| format!("uevent socket: {e}"))?;
+    let topo =
+        SysfsTopology::new(Sysfs::new(), Box::new(socket), true).map_err(|e| error_chain(&e))?;
+    let cfg = AgentConfig {
+        placement: Arc::new(smpboot::PinnedPlacement),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        channel: false,
+        preface: Vec::new(),
+    };
+    let mut agent = Agent::start(Arc::new(topo), opts, cfg).map_err(|e| error_chain(&e))?;
+    agent.tick(std::time::Instant::now());
+    let out = agent.take_output();
+    for line in &out.console {
+        say(line);
     }
-    match UeventSocket::open() {
-        Ok(_) => say("uevent socket ok"),
-        Err(e) => return Err(format!("uevent socket: {e}")),
+    for msg in &out.host {
+        print!("host: {}", encode(msg));
     }
     Ok(())
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    text
-}
-
 fn main() {
     let mut cmdline = None;
+    let mut channel = None;
     let mut selftest_mode = false;
     if !init::is_pid1() {
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--selftest" => selftest_mode = true,
-                "--cmdline" => match args.next() {
-                    Some(c) => cmdline = Some(c),
+                "--cmdline" | "--channel" => match args.next() {
+                    Some(v) if arg == "--cmdline" => cmdline = Some(v),
+                    Some(v) => channel = Some(PathBuf::from(v)),
                     None => {
-                        eprintln!("--cmdline needs a value\n{USAGE}");
+                        eprintln!("{arg} needs a value\n{USAGE}");
                         std::process::exit(2);
                     }
                 },
@@ -87,7 +101,7 @@ fn main() {
         }
         return;
     }
-    match agent::run(cmdline.as_deref()) {
+    match event_loop::run(cmdline.as_deref(), channel.as_deref()) {
         Ok(Exit::PowerOff(reason)) => init::power_off(&reason, true),
         Err(e) => {
             say(&format!("GUEST-FATAL {}", error_chain(&e)));

@@ -61,6 +61,11 @@ impl CpuList {
         self.0.insert(cpu);
     }
 
+    /// Removes `cpu`.
+    pub fn remove(&mut self, cpu: u32) {
+        self.0.remove(&cpu);
+    }
+
     /// CPUs in `self` but not in `other`.
     pub fn difference(&self, other: &CpuList) -> CpuList {
         CpuList(self.0.difference(&other.0).copied().collect())

@@ -1,0 +1,264 @@
+//! The agent's I/O loop: one thread polling the uevent socket, the
+//! signalfd and the VMM channel, feeding the [`Agent`] and draining its
+//! [`Outbox`](crate::agent::Outbox) to the console and the channel.
+//!
+//! Writing a CPU's `online` file blocks until the kernel is done with it,
+//! which orders the agent's reports after the kernel's work. Everything
+//! else is non-blocking; the channel's queued output is written as the
+//! tty takes it.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::agent::encode;
+use smpboot::PinnedPlacement;
+
+use crate::agent::{Agent, AgentConfig, AgentError, Exit};
+use crate::channel::{self, Channel};
+use crate::cmdline::{Options, PowerOffWhen};
+use crate::console::say;
+use crate::init::{self, Signal, Signals};
+use crate::kmsg;
+use crate::sysfs::Sysfs;
+use crate::topology::SysfsTopology;
+use crate::uevent::UeventSocket;
+
+/// Which descriptors were readable.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ready {
+    uevents: bool,
+    signals: bool,
+    channel: bool,
+}
+
+/// Waits up to `timeout` (`None`: forever) for any of `fds`; returns their
+/// `revents`.
+fn poll_fds(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<()> {
+    let ms = timeout.map_or(-1, |t| {
+        // Round up so a deadline 0.4 ms away does not spin.
+        libc::c_int::try_from(t.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX)
+    });
+    let n = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+    // SAFETY: fds is a live slice of initialised pollfd structures and n
+    // is its length.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+fn pollfd(fd: BorrowedFd<'_>, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    }
+}
+
+fn wait(
+    uevents: Option<BorrowedFd<'_>>,
+    signals: BorrowedFd<'_>,
+    channel: Option<&Channel>,
+    timeout: Option<Duration>,
+) -> io::Result<Ready> {
+    let mut fds = vec![pollfd(signals, libc::POLLIN)];
+    if let Some(fd) = uevents {
+        fds.push(pollfd(fd, libc::POLLIN));
+    }
+    if let Some(ch) = channel {
+        let mut events = libc::POLLIN;
+        if ch.wants_write() {
+            events |= libc::POLLOUT;
+        }
+        fds.push(pollfd(ch.as_fd(), events));
+    }
+    poll_fds(&mut fds, timeout)?;
+    let any = libc::POLLIN | libc::POLLOUT | libc::POLLERR | libc::POLLHUP;
+    let hit = |i: usize| fds.get(i).is_some_and(|p| p.revents & any != 0);
+    let mut next = 1;
+    let mut ready = Ready {
+        signals: hit(0),
+        ..Ready::default()
+    };
+    if uevents.is_some() {
+        ready.uevents = hit(next);
+        next += 1;
+    }
+    if channel.is_some() {
+        ready.channel = hit(next);
+    }
+    Ok(ready)
+}
+
+/// Prints the agent's console lines and queues its messages.
+fn drain(agent: &mut Agent, channel: &mut Option<Channel>) {
+    let out = agent.take_output();
+    for line in &out.console {
+        say(line);
+    }
+    if let Some(ch) = channel {
+        for msg in &out.host {
+            ch.queue(&encode(msg));
+        }
+    }
+}
+
+/// Writes what the channel can take; drops the channel if it broke.
+fn flush(channel: &mut Option<Channel>) {
+    if let Some(ch) = channel {
+        if let Err(e) = ch.flush() {
+            say(&format!("GUEST-ERROR channel write: {e}"));
+            *channel = None;
+        }
+    }
+}
+
+/// Reads the VMM's lines; `Some` if one asks the agent to stop.
+fn receive(agent: &mut Agent, channel: &mut Option<Channel>) -> Option<Exit> {
+    let ch = channel.as_mut()?;
+    match ch.read_lines() {
+        Ok(incoming) => {
+            for line in incoming.lines {
+                if let Some(exit) = agent.on_host_line(line) {
+                    return Some(exit);
+                }
+            }
+            if incoming.closed {
+                say("GUEST-ERROR channel closed");
+                *channel = None;
+            }
+        }
+        Err(e) => {
+            say(&format!("GUEST-ERROR channel read: {e}"));
+            *channel = None;
+        }
+    }
+    None
+}
+
+/// The VMM channel: `path` if given, else `/dev/ttyS1` for PID 1, else
+/// none (a hand-run agent never touches the host's serial ports).
+fn open_channel(path: Option<&Path>) -> (Option<Channel>, Option<String>) {
+    let path = match path {
+        Some(p) => p,
+        None if init::is_pid1() => Path::new(channel::DEFAULT_PATH),
+        None => return (None, None),
+    };
+    match Channel::open_tty(path) {
+        Ok(ch) => (Some(ch), None),
+        Err(e) => (None, Some(crate::error_chain(&e))),
+    }
+}
+
+/// Everything PID 1 (or a hand-run agent) does: mount (PID 1 only), read
+/// the options (`cmdline` overrides `/proc/cmdline`; not as PID 1,
+/// `agent.autoonline=0 agent.readonly=1` come first), listen for uevents,
+/// open the channel (`channel_path`, else ttyS1 for PID 1), start, then
+/// loop until a stop is requested.
+pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, AgentError> {
+    if init::is_pid1() {
+        init::install_panic_hook();
+        init::mount_filesystems()?;
+    }
+    // Before any thread exists, so every later thread inherits the mask.
+    let signals = Signals::new().map_err(AgentError::Signals)?;
+    let mut text = match cmdline {
+        Some(c) => c.to_owned(),
+        None => std::fs::read_to_string("/proc/cmdline").map_err(AgentError::Cmdline)?,
+    };
+    if !init::is_pid1() {
+        // On a host, touch no CPU unless asked: a later option overrides.
+        text.insert_str(0, "agent.autoonline=0 agent.readonly=1 ");
+    }
+    let opts = Options::parse(&text);
+    // Listen first, then look: no hot-add falls between the two.
+    let socket = UeventSocket::open().map_err(AgentError::Uevent)?;
+    let topo = Arc::new(SysfsTopology::new(
+        Sysfs::new(),
+        Box::new(socket),
+        opts.readonly,
+    )?);
+    let (mut channel, channel_error) = open_channel(channel_path);
+    let mut preface: Vec<String> = kmsg::smpboot_line().into_iter().collect();
+    if opts.trace {
+        preface.extend(channel_error.map(|e| format!("GUEST-TRACE channel: {e}")));
+    }
+    let poweroff = opts.poweroff;
+    let cfg = AgentConfig {
+        placement: Arc::new(PinnedPlacement),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        channel: channel.is_some(),
+        preface,
+    };
+    let mut agent = Agent::start(Arc::clone(&topo), opts, cfg)?;
+    agent.tick(Instant::now());
+    drain(&mut agent, &mut channel);
+    flush(&mut channel);
+    if poweroff == Some(PowerOffWhen::Ready) {
+        return Ok(Exit::PowerOff("reason=ready".into()));
+    }
+    loop {
+        let timeout = agent.next_timeout(Instant::now());
+        let ready = wait(topo.poll_fd(), signals.as_fd(), channel.as_ref(), timeout)
+            .map_err(AgentError::Poll)?;
+        if ready.signals {
+            for signal in signals.read().map_err(AgentError::Signals)? {
+                match signal {
+                    Signal::Child => {
+                        init::reap_children();
+                    }
+                    Signal::Stop(sig) => {
+                        return Ok(Exit::PowerOff(format!("signal={}", init::signal_name(sig))));
+                    }
+                }
+            }
+        }
+        if ready.uevents {
+            agent.on_uevents()?;
+        }
+        if ready.channel {
+            if let Some(exit) = receive(&mut agent, &mut channel) {
+                drain(&mut agent, &mut channel);
+                flush(&mut channel);
+                return Ok(exit);
+            }
+        }
+        agent.tick(Instant::now());
+        drain(&mut agent, &mut channel);
+        flush(&mut channel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_times_out_and_sees_readable_fds() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let start = Instant::now();
+        let mut fds = [pollfd(a.as_fd(), libc::POLLIN)];
+        poll_fds(&mut fds, Some(Duration::from_millis(20))).unwrap();
+        assert_eq!(fds[0].revents, 0);
+        assert!(start.elapsed() >= Duration::from_millis(15));
+        std::io::Write::write_all(&mut b, b"x").unwrap();
+        poll_fds(&mut fds, None).unwrap();
+        assert_ne!(fds[0].revents & libc::POLLIN, 0);
+    }
+
+    #[test]
+    fn a_hand_run_agent_opens_no_channel() {
+        let (ch, err) = open_channel(None);
+        assert!(ch.is_none() && err.is_none());
+        let (ch, err) = open_channel(Some(Path::new("/nonexistent/tty")));
+        assert!(ch.is_none());
+        assert!(err.unwrap().contains("/nonexistent/tty"));
+    }
+}
