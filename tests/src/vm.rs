@@ -20,6 +20,8 @@ use crate::host::{self, HostKind};
 
 /// Lock file serialising VMs across test processes (2 cores: one at a time).
 const LOCK_PATH: &str = "/tmp/e2e-host.lock";
+/// Longest wait for another process's VM to finish.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// The VMM's API socket inside the emulated host.
 const INSIDE_API_SOCKET: &str = "/run/vmm.sock";
 
@@ -358,17 +360,41 @@ fn boot_once(plan: &Plan) -> Result<RunningVm> {
     })
 }
 
+/// Takes the machine-wide VM lock, waiting at most [`LOCK_TIMEOUT`]; the
+/// holder's pid and command line are written in the file for the next
+/// waiter's message.
 fn host_lock() -> Result<File> {
-    let file = File::options()
+    use std::io::{Read, Seek, Write};
+    let mut file = File::options()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(LOCK_PATH)
         .ctx(|| format!("cannot open {LOCK_PATH}"))?;
     if file.try_lock().is_err() {
-        eprintln!("e2e: another VM holds {LOCK_PATH}; waiting for it to finish");
-        file.lock().ctx(|| format!("cannot lock {LOCK_PATH}"))?;
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        eprintln!(
+            "e2e: waiting up to {LOCK_TIMEOUT:?} for the VM of another process to finish \
+             ({LOCK_PATH}: {})",
+            holder.trim().replace('\n', " ")
+        );
+        let deadline = Instant::now() + LOCK_TIMEOUT;
+        while file.try_lock().is_err() {
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!("{LOCK_PATH} (held by {})", holder.trim()),
+                    timeout: LOCK_TIMEOUT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
+    let me = std::env::args().collect::<Vec<_>>().join(" ");
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = writeln!(file, "pid {} {me}", std::process::id());
     Ok(file)
 }
 

@@ -111,9 +111,11 @@ fn host_panic_is_ours_not_retried() {
 
 #[test]
 fn soft_lockup_of_the_host_is_a_host_failure() {
+    // The kernel console and testhost-init's are separate streams: the
+    // pause keeps the lockup after the ready marker.
     let fake = Fake::new(
         "lockup",
-        &format!("--- attempt 1\n{READY}\nkcon: [ 9.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [vmm:90]\nexit 0\n"),
+        &format!("--- attempt 1\n{READY}\nsleep 300\nkcon: [ 9.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [vmm:90]\nexit 0\n"),
     );
     let mut vm = fake.launch().unwrap();
     let err = vm.wait_exit(Duration::from_secs(10)).unwrap_err();
