@@ -9,6 +9,8 @@
 //! two pumps per connection ([`mux`]). Tests run one VM at a time across
 //! processes: [`RunningVm`] holds a file lock for its life.
 
+#![deny(missing_docs)]
+
 pub mod artifacts;
 pub mod console;
 pub mod emulated;
