@@ -38,10 +38,27 @@
 //! registry.unregister(&desc).unwrap();              // stops and joins all
 //! ```
 //!
-//! CPU transitions come from a topology source: the guest agent calls
-//! them around its sysfs writes and on kernel uevents (the table is in
-//! [`hotplug`](crate::Hotplug)'s docs), or lets [`CpuHotplug`] do it
-//! against a [`Topology`].
+//! # Driving it from a topology source (the guest agent)
+//! The guest agent learns of CPU changes from the kernel (the sysfs
+//! writes it makes itself, uevents for the rest) and calls, around each:
+//!
+//! | kernel event                        | call                                   |
+//! |-------------------------------------|----------------------------------------|
+//! | before writing 1 to `cpuN/online`   | [`Hotplug::prepare`] (creates, parked) |
+//! | after that write succeeded          | [`Hotplug::online`] (unparks)          |
+//! | before writing 0 to `cpuN/online`   | [`Hotplug::offline`] (parks, waits)    |
+//! | the write of 0 failed               | [`Hotplug::failed_offline`] (unparks)  |
+//! | uevent: CPU went down without us    | [`Hotplug::forced_offline`] (reported) |
+//!
+//! A failed bring-up after `prepare` needs no call: the threads stay
+//! parked and are reused. Take [`Registry::hotplug`] to hold the lock
+//! across a whole bring-up or tear-down (the single-step methods on
+//! [`Registry`] take it per step). [`CpuHotplug`] does all of this against
+//! any [`Topology`], including acting on stale or echoed uevents only when
+//! `cpuN/online` confirms them; the agent's sysfs + uevent implementation
+//! of [`Topology`] plugs in there ([`parse_cpu_list`] reads
+//! `cpu/possible` and `cpu/online`). A [`Snapshot`] is plain data for the
+//! agent to send to the host.
 //!
 //! # Threading model
 //! - **Controller context**: whoever calls the registry (the agent's event
