@@ -86,27 +86,26 @@ fn set_termios(fd: BorrowedFd<'_>, t: &libc::termios) -> io::Result<()> {
     Ok(())
 }
 
-fn make_raw(t: &mut libc::termios) -> io::Result<()> {
+fn make_raw(t: &mut libc::termios) {
     // SAFETY: t is a live termios; cfmakeraw only edits its flags.
     unsafe { libc::cfmakeraw(t) };
-    // SAFETY: as above; B115200 is a valid speed constant.
-    let rc = unsafe { libc::cfsetspeed(t, libc::B115200) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // The speed bits directly: the libc crate binds cfset*speed to
+    // versioned glibc symbols that a static link cannot resolve.
+    t.c_cflag = (t.c_cflag & !libc::CBAUD) | libc::B115200;
+    t.c_ispeed = libc::B115200;
+    t.c_ospeed = libc::B115200;
     t.c_cflag &= !(libc::CSIZE | libc::PARENB | libc::CSTOPB | libc::CRTSCTS);
     t.c_cflag |= libc::CS8 | libc::CREAD | libc::CLOCAL;
     t.c_lflag &= !(libc::ECHO | libc::ECHONL | libc::ICANON | libc::ISIG | libc::IEXTEN);
     t.c_cc[libc::VMIN] = 1;
     t.c_cc[libc::VTIME] = 0;
-    Ok(())
 }
 
 /// Puts the terminal `fd` in raw mode, 115200 8N1, no echo, no flow
 /// control, and drops whatever was pending in either direction.
 pub fn set_raw(fd: BorrowedFd<'_>) -> io::Result<()> {
     let mut t = get_termios(fd)?;
-    make_raw(&mut t)?;
+    make_raw(&mut t);
     set_termios(fd, &t)?;
     // SAFETY: tcflush takes a descriptor and a constant.
     unsafe { libc::tcflush(fd.as_raw_fd(), libc::TCIOFLUSH) };
@@ -332,8 +331,7 @@ mod tests {
         assert_eq!(t.c_cflag & (libc::PARENB | libc::CSTOPB | libc::CRTSCTS), 0);
         assert_ne!(t.c_cflag & (libc::CLOCAL | libc::CREAD), 0);
         assert_eq!(t.c_oflag & libc::OPOST, 0, "no output processing");
-        // SAFETY: t is a live termios.
-        assert_eq!(unsafe { libc::cfgetospeed(&t) }, libc::B115200);
+        assert_eq!(t.c_cflag & libc::CBAUD, libc::B115200);
         // No echo, no line editing: what the master writes arrives as is.
         let mut ch = Channel::from_fd(slave).unwrap();
         let mut m = std::fs::File::from(master);
