@@ -22,6 +22,8 @@ pub enum ErrorCode {
     Vcpu0NotRemovable,
     /// 409: a conflicting operation on the same vCPU is in flight.
     Conflict,
+    /// 409: the request needs the guest agent and none is connected.
+    AgentUnavailable,
     /// 413: the body is larger than the server accepts.
     PayloadTooLarge,
     /// 415: the body is not `application/json`.
@@ -39,7 +41,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code a server sends (all but [`ErrorCode::Unknown`]).
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         Self::MalformedRequest,
         Self::NotFound,
         Self::VcpuNotFound,
@@ -47,6 +49,7 @@ impl ErrorCode {
         Self::MethodNotAllowed,
         Self::Vcpu0NotRemovable,
         Self::Conflict,
+        Self::AgentUnavailable,
         Self::PayloadTooLarge,
         Self::UnsupportedMediaType,
         Self::InvalidVcpuCount,
@@ -60,7 +63,7 @@ impl ErrorCode {
             Self::MalformedRequest => 400,
             Self::NotFound | Self::VcpuNotFound | Self::OperationNotFound => 404,
             Self::MethodNotAllowed => 405,
-            Self::Vcpu0NotRemovable | Self::Conflict => 409,
+            Self::Vcpu0NotRemovable | Self::Conflict | Self::AgentUnavailable => 409,
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::InvalidVcpuCount => 422,
@@ -79,6 +82,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Vcpu0NotRemovable => "vcpu0_not_removable",
             Self::Conflict => "conflict",
+            Self::AgentUnavailable => "agent_unavailable",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::InvalidVcpuCount => "invalid_vcpu_count",

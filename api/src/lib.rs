@@ -13,6 +13,9 @@
 //!   `200` with the operation when nothing had to change or when
 //!   `?wait=SECONDS` saw it finish, and `504` with the still-running
 //!   operation when the wait ran out.
+//! - Test hooks (`/api/v1/test/...`, [`routes::Route::test_only`]) are
+//!   served only by a VMM started with `--test-hooks`; otherwise they answer
+//!   `404` like an unknown path.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -20,12 +23,16 @@ pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod fault;
+pub mod guest;
 pub mod operation;
 pub mod routes;
 pub mod vcpu;
 pub mod vm;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use fault::{FaultInjected, FaultKind, FaultRequest, FaultTarget};
+pub use guest::{CpuWork, GuestWorker, GuestWorkers};
 pub use operation::{Operation, OperationKind, OperationStatus};
 pub use vcpu::{ResizeRequest, VcpuInfo, VcpuList, VcpuState};
 pub use vm::{VmInfo, VmState};

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::guest::GuestWorker;
+
 /// The life of one vCPU slot as the VMM sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -47,6 +49,10 @@ pub struct VcpuInfo {
     /// Whether the guest has it online; absent until the guest has said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_online: Option<bool>,
+    /// The guest's worker threads for this CPU, from the agent's last
+    /// snapshot; absent until the agent has sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<GuestWorker>>,
 }
 
 /// The answer to `GET /api/v1/vcpus`.
@@ -128,6 +134,7 @@ mod tests {
     fn vcpu_info_guest_online_optional() {
         let v: VcpuInfo = serde_json::from_str(r#"{"id": 2, "state": "adding"}"#).unwrap();
         assert_eq!(v.guest_online, None);
+        assert_eq!(v.workers, None);
         assert_eq!(
             serde_json::to_string(&v).unwrap(),
             r#"{"id":2,"state":"adding"}"#

@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 
 use api::routes::ROUTES;
 use api::{
-    ApiError, ErrorBody, ErrorCode, Operation, OperationKind, OperationStatus, ResizeRequest,
-    VcpuInfo, VcpuList, VcpuState, VmInfo, VmState,
+    ApiError, CpuWork, ErrorBody, ErrorCode, FaultInjected, FaultKind, FaultRequest, FaultTarget,
+    GuestWorker, GuestWorkers, Operation, OperationKind, OperationStatus, ResizeRequest, VcpuInfo,
+    VcpuList, VcpuState, VmInfo, VmState,
 };
 use serde::Serialize;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -60,6 +61,23 @@ fn spec_lists_exactly_the_served_routes() {
             .collect();
         let served: BTreeSet<String> = route.methods.iter().map(|m| m.to_lowercase()).collect();
         assert_eq!(spec_methods, served, "{}", route.template);
+        // Test hooks are marked, and document the 404 a VMM without
+        // `--test-hooks` answers.
+        assert_eq!(
+            item["x-test-only"].as_bool().unwrap_or(false),
+            route.test_only,
+            "x-test-only of {}",
+            route.template
+        );
+        if route.test_only {
+            for method in &spec_methods {
+                assert!(
+                    keys(&item[method.as_str()]["responses"]).contains("404"),
+                    "{method} {}",
+                    route.template
+                );
+            }
+        }
         for method in &spec_methods {
             let responses = keys(&item[method.as_str()]["responses"]);
             assert!(
@@ -169,13 +187,30 @@ fn schemas_match_the_types() {
             .collect::<BTreeSet<_>>()
     );
 
+    let worker = GuestWorker {
+        descriptor: "ksoftirqd".into(),
+        cpu: 1,
+        status: "active".into(),
+        last_cpu: Some(1),
+        setup_calls: 1,
+        park_calls: 0,
+        unpark_calls: 0,
+        thread_fn_calls: 5,
+    };
+    let worker_min = GuestWorker {
+        last_cpu: None,
+        ..worker.clone()
+    };
+    check_object(&spec, "GuestWorker", &worker, &worker_min);
     let vcpu = VcpuInfo {
         id: 1,
         state: VcpuState::Present,
         guest_online: Some(true),
+        workers: Some(vec![worker.clone()]),
     };
     let vcpu_min = VcpuInfo {
         guest_online: None,
+        workers: None,
         ..vcpu.clone()
     };
     check_object(&spec, "VcpuInfo", &vcpu, &vcpu_min);
@@ -186,6 +221,36 @@ fn schemas_match_the_types() {
     check_object(&spec, "VcpuList", &list, &list);
     let resize = ResizeRequest { desired: 1 };
     check_object(&spec, "ResizeRequest", &resize, &resize);
+
+    let work = CpuWork {
+        cpu: 0,
+        items_done: 3,
+    };
+    check_object(&spec, "CpuWork", &work, &work);
+    let workers = GuestWorkers {
+        agent_connected: Some(true),
+        agent_version: Some("1".into()),
+        snapshot_age_ms: Some(2),
+        workers: vec![worker],
+        work: vec![work],
+    };
+    check_object(&spec, "GuestWorkers", &workers, &GuestWorkers::unknown());
+    let fault = FaultRequest {
+        fault: FaultKind::IgnoreRemoval,
+        cpu: Some(1),
+    };
+    let fault_min = FaultRequest { cpu: None, ..fault };
+    check_object(&spec, "FaultRequest", &fault, &fault_min);
+    let injected = FaultInjected {
+        fault: FaultKind::AgentSilence,
+        cpu: Some(1),
+        target: FaultTarget::Agent,
+    };
+    let injected_min = FaultInjected {
+        cpu: None,
+        ..injected
+    };
+    check_object(&spec, "FaultInjected", &injected, &injected_min);
 
     let op = Operation {
         id: 1,
@@ -214,6 +279,8 @@ fn schemas_match_the_types() {
     check_enum(&spec, "OperationKind", &OperationKind::ALL);
     check_enum(&spec, "OperationStatus", &OperationStatus::ALL);
     check_enum(&spec, "ErrorCode", &ErrorCode::ALL);
+    check_enum(&spec, "FaultKind", &FaultKind::ALL);
+    check_enum(&spec, "FaultTarget", &FaultTarget::ALL);
 }
 
 #[test]

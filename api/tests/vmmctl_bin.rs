@@ -23,6 +23,8 @@ fn help_and_usage() {
         "remove",
         "operation",
         "metrics",
+        "workers",
+        "fault",
     ] {
         assert!(help.contains(command), "{command} missing from\n{help}");
     }

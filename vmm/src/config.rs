@@ -128,6 +128,9 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Console output.
     pub serial: SerialOutput,
+    /// Serve the test-hook API routes (fault injection) and honour them:
+    /// for end-to-end tests only. Off, those routes answer 404.
+    pub test_hooks: bool,
 }
 
 #[cfg(test)]

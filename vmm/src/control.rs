@@ -12,9 +12,9 @@
 //! the API thread and never blocks or polls the VMM thread.
 //!
 //! The VMM side keeps its operations in an [`OperationTable`] and can plan
-//! a mutation with [`plan`], which encodes the API's rules (lowest absent
-//! ids are added, highest present ones removed, vCPU 0 stays, repeating a
-//! request in flight is not an error).
+//! a mutation with [`plan()`] (in `control/plan.rs`), which encodes the
+//! API's rules (lowest absent ids are added, highest present ones removed,
+//! vCPU 0 stays, repeating a request in flight is not an error).
 //!
 //! ```
 //! use api::VcpuState;
@@ -43,14 +43,18 @@
 //! assert!(table.running().is_empty());
 //! ```
 
+mod plan;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use api::{ApiError, ErrorCode, Operation, OperationKind, OperationStatus, VcpuState};
+use api::{ApiError, ErrorCode, FaultKind, Operation, OperationStatus};
 use tokio::sync::{oneshot, watch};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use plan::{plan, Plan};
 
 /// What the API asks of the VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +76,17 @@ pub enum Action {
     GetOperation(u64),
     /// `GET /api/v1/metrics`: answer [`Reply::Metrics`].
     GetMetrics,
+    /// `GET /api/v1/guest/workers`: answer [`Reply::Workers`].
+    GetWorkers,
+    /// `POST /api/v1/test/faults` (test hook): answer
+    /// [`Reply::FaultInjected`]. A VMM without test hooks answers
+    /// `not_found`, as for an unknown path.
+    InjectFault {
+        /// What to break.
+        fault: FaultKind,
+        /// The vCPU it applies to (checked against the fault's needs).
+        cpu: Option<u32>,
+    },
 }
 
 /// One control message; it carries the channel its answer goes back on.
@@ -104,6 +119,10 @@ pub enum Reply {
     Operation(Operation),
     /// For [`Action::GetMetrics`].
     Metrics(VmmMetrics),
+    /// For [`Action::GetWorkers`].
+    Workers(api::GuestWorkers),
+    /// For [`Action::InjectFault`].
+    FaultInjected(api::FaultInjected),
     /// The request cannot be done; the code decides the HTTP status.
     Error(ApiError),
 }
@@ -226,162 +245,6 @@ impl ControlReceiver {
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(ControlError::Disconnected),
         }
     }
-}
-
-/// What a mutation has to do, computed by [`plan`] from the vCPU states.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    /// What was asked.
-    pub kind: OperationKind,
-    /// The requested count, for a resize.
-    pub desired: Option<u32>,
-    /// vCPUs to start hot-adding now (ascending).
-    pub add: Vec<u32>,
-    /// vCPUs to start hot-removing now (descending).
-    pub remove: Vec<u32>,
-    /// vCPUs the operation waits for: those above plus any already in
-    /// flight that the request depends on. Empty: nothing to do.
-    pub wait_for: Vec<u32>,
-}
-
-impl Plan {
-    fn new(kind: OperationKind, desired: Option<u32>) -> Self {
-        Self {
-            kind,
-            desired,
-            add: Vec::new(),
-            remove: Vec::new(),
-            wait_for: Vec::new(),
-        }
-    }
-}
-
-/// Plan a mutation against `states` (indexed by vCPU id; its length is the
-/// maximum). `None` for actions that are not mutations.
-///
-/// Rules: an id beyond the maximum is `vcpu_not_found`; removing vCPU 0 is
-/// `vcpu0_not_removable`; a count of 0 or above the maximum is
-/// `invalid_vcpu_count`; adding a vCPU being removed (or the reverse) is a
-/// `conflict`; asking for what is already true, or already in flight, is
-/// not an error (the plan then starts nothing).
-pub fn plan(action: Action, states: &[VcpuState]) -> Option<Result<Plan, ApiError>> {
-    match action {
-        Action::Resize { desired } => Some(plan_resize(states, desired)),
-        Action::AddVcpu(id) => Some(plan_add(states, id)),
-        Action::RemoveVcpu(id) => Some(plan_remove(states, id)),
-        Action::GetVm | Action::GetVcpus | Action::GetOperation(_) | Action::GetMetrics => None,
-    }
-}
-
-fn state_of(states: &[VcpuState], id: u32) -> Result<VcpuState, ApiError> {
-    usize::try_from(id)
-        .ok()
-        .and_then(|i| states.get(i).copied())
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::VcpuNotFound,
-                format!(
-                    "no vCPU {id}: ids go from 0 to {}",
-                    states.len().saturating_sub(1)
-                ),
-            )
-        })
-}
-
-fn conflict(id: u32, state: VcpuState) -> ApiError {
-    let doing = if state == VcpuState::Adding {
-        "added"
-    } else {
-        "removed"
-    };
-    ApiError::new(
-        ErrorCode::Conflict,
-        format!("vCPU {id} is being {doing}; retry when that has finished"),
-    )
-}
-
-fn plan_add(states: &[VcpuState], id: u32) -> Result<Plan, ApiError> {
-    let mut plan = Plan::new(OperationKind::Add, None);
-    match state_of(states, id)? {
-        VcpuState::Present => {}
-        VcpuState::Adding => plan.wait_for.push(id),
-        VcpuState::Absent => {
-            plan.add.push(id);
-            plan.wait_for.push(id);
-        }
-        state @ VcpuState::Removing => return Err(conflict(id, state)),
-    }
-    Ok(plan)
-}
-
-fn plan_remove(states: &[VcpuState], id: u32) -> Result<Plan, ApiError> {
-    let state = state_of(states, id)?;
-    if id == 0 {
-        return Err(ApiError::new(
-            ErrorCode::Vcpu0NotRemovable,
-            "vCPU 0 cannot be removed",
-        ));
-    }
-    let mut plan = Plan::new(OperationKind::Remove, None);
-    match state {
-        VcpuState::Absent => {}
-        VcpuState::Removing => plan.wait_for.push(id),
-        VcpuState::Present => {
-            plan.remove.push(id);
-            plan.wait_for.push(id);
-        }
-        VcpuState::Adding => return Err(conflict(id, state)),
-    }
-    Ok(plan)
-}
-
-fn plan_resize(states: &[VcpuState], desired: u32) -> Result<Plan, ApiError> {
-    let max = states.len();
-    let wanted = usize::try_from(desired).unwrap_or(usize::MAX);
-    if wanted == 0 || wanted > max {
-        return Err(ApiError::new(
-            ErrorCode::InvalidVcpuCount,
-            format!("desired must be between 1 and {max}, not {desired}"),
-        ));
-    }
-    let ids = || (0..max).filter_map(|i| u32::try_from(i).ok().map(|id| (id, states[i])));
-    let effective = ids()
-        .filter(|(_, s)| matches!(s, VcpuState::Present | VcpuState::Adding))
-        .count();
-    let mut plan = Plan::new(OperationKind::Resize, Some(desired));
-    if wanted > effective {
-        let absent: Vec<u32> = ids()
-            .filter(|(_, s)| *s == VcpuState::Absent)
-            .map(|(id, _)| id)
-            .take(wanted - effective)
-            .collect();
-        if absent.len() < wanted - effective {
-            let busy = ids().find(|(_, s)| *s == VcpuState::Removing);
-            return Err(match busy {
-                Some((id, state)) => conflict(id, state),
-                None => ApiError::new(ErrorCode::Internal, "no free vCPU slot"),
-            });
-        }
-        plan.add = absent;
-    } else if wanted < effective {
-        let highest = ids()
-            .rev()
-            .filter(|(id, s)| *id != 0 && matches!(s, VcpuState::Present | VcpuState::Adding))
-            .take(effective - wanted);
-        for (id, state) in highest {
-            if state == VcpuState::Adding {
-                return Err(conflict(id, state));
-            }
-            plan.remove.push(id);
-        }
-    }
-    let in_flight = ids().filter(|(_, s)| s.in_flight()).map(|(id, _)| id);
-    let wait_for: BTreeSet<u32> = in_flight
-        .chain(plan.add.iter().copied())
-        .chain(plan.remove.iter().copied())
-        .collect();
-    plan.wait_for = wait_for.into_iter().collect();
-    Ok(plan)
 }
 
 /// The VMM side's record of operations: creates them, fans vCPU results
@@ -605,69 +468,12 @@ fn unix_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::plan::{plan_add, plan_remove};
     use super::*;
-    use VcpuState::{Absent as A, Adding as D, Present as P, Removing as R};
+    use api::VcpuState::{Absent as A, Adding as D, Present as P};
 
-    fn resize(states: &[VcpuState], desired: u32) -> Result<Plan, ApiError> {
+    fn resize(states: &[api::VcpuState], desired: u32) -> Result<Plan, ApiError> {
         plan(Action::Resize { desired }, states).unwrap()
-    }
-
-    #[test]
-    fn resize_adds_lowest_absent_and_removes_highest_present() {
-        let p = resize(&[P, A, P, A, A], 4).unwrap();
-        assert_eq!(
-            (p.add, p.remove, p.wait_for),
-            (vec![1, 3], vec![], vec![1, 3])
-        );
-        let p = resize(&[P, P, P, A, P], 2).unwrap();
-        assert_eq!(
-            (p.add, p.remove, p.wait_for),
-            (vec![], vec![4, 2], vec![2, 4])
-        );
-    }
-
-    #[test]
-    fn resize_is_idempotent() {
-        let p = resize(&[P, P, A], 2).unwrap();
-        assert!(p.wait_for.is_empty() && p.add.is_empty() && p.remove.is_empty());
-        // Already in flight: nothing new, wait for what is in flight.
-        let p = resize(&[P, P, D], 3).unwrap();
-        assert_eq!((p.add, p.wait_for), (vec![], vec![2]));
-        let p = resize(&[P, P, R], 2).unwrap();
-        assert_eq!((p.remove, p.wait_for), (vec![], vec![2]));
-    }
-
-    #[test]
-    fn resize_rejects_bad_counts_and_conflicts() {
-        for n in [0, 4, u32::MAX] {
-            assert_eq!(
-                resize(&[P, A, A], n).unwrap_err().code,
-                ErrorCode::InvalidVcpuCount
-            );
-        }
-        // Shrinking would have to cancel an add in flight.
-        assert_eq!(resize(&[P, P, D], 2).unwrap_err().code, ErrorCode::Conflict);
-        // Growing needs a slot still being removed.
-        assert_eq!(resize(&[P, P, R], 3).unwrap_err().code, ErrorCode::Conflict);
-    }
-
-    #[test]
-    fn add_and_remove_rules() {
-        let states = [P, A, D, R, P];
-        let add = |id| plan(Action::AddVcpu(id), &states).unwrap();
-        let remove = |id| plan(Action::RemoveVcpu(id), &states).unwrap();
-        assert_eq!(add(1).unwrap().add, vec![1]);
-        assert!(add(0).unwrap().wait_for.is_empty());
-        assert_eq!(add(2).unwrap().wait_for, vec![2]);
-        assert_eq!(add(3).unwrap_err().code, ErrorCode::Conflict);
-        assert_eq!(add(5).unwrap_err().code, ErrorCode::VcpuNotFound);
-        assert_eq!(remove(0).unwrap_err().code, ErrorCode::Vcpu0NotRemovable);
-        assert_eq!(remove(4).unwrap().remove, vec![4]);
-        assert!(remove(1).unwrap().wait_for.is_empty());
-        assert_eq!(remove(2).unwrap_err().code, ErrorCode::Conflict);
-        assert_eq!(remove(3).unwrap().wait_for, vec![3]);
-        assert_eq!(remove(9).unwrap_err().code, ErrorCode::VcpuNotFound);
-        assert!(plan(Action::GetVm, &states).is_none());
     }
 
     fn started(m: Mutation) -> (Operation, watch::Receiver<Operation>) {

@@ -14,7 +14,7 @@ use std::sync::Arc as StdArc;
 
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api_server::{self, ApiMetrics, ApiServerHandle};
+use crate::api_server::{self, ApiMetrics, ApiServerHandle, ServerOptions};
 use crate::config::VmConfig;
 use crate::control::{self, ControlReceiver};
 use crate::cpu_manager::CpuManager;
@@ -141,12 +141,17 @@ impl Vmm {
                 memory_mib: cfg.memory >> 20,
             },
             vm.devices.agent_uart.clone(),
-        );
+        )
+        .with_test_hooks(cfg.test_hooks);
         let (control_tx, control) = control::channel()?;
         let api = match &cfg.api_socket {
             Some(path) => {
-                let handle =
-                    api_server::start(path, control_tx, StdArc::new(ApiMetrics::default()))?;
+                let options = ServerOptions {
+                    test_hooks: cfg.test_hooks,
+                    ..ServerOptions::default()
+                };
+                let metrics = StdArc::new(ApiMetrics::default());
+                let handle = api_server::start_with(path, control_tx, metrics, options)?;
                 log::info!("API listening on {}", path.display());
                 Some(handle)
             }

@@ -1,15 +1,28 @@
 //! Hotplug coordination on the VMM thread: turns API mutations into vCPU
 //! manager steps, tracks them as operations, and completes those
 //! operations from what the guest does (insert acknowledged, CPU online,
-//! vCPU ejected).
+//! vCPU ejected). It also answers the guest's view (the agent's worker
+//! snapshot) and, with test hooks on, injects faults.
+//!
+//! A removal reaches the guest through the agent's prepare step then the
+//! ACPI eject, or the ACPI eject alone ([`decide::Removal`] says where it
+//! stands). A repeated `DELETE` of a vCPU still being removed sends the
+//! request again (and restarts its [`REMOVE_TIMEOUT`]), unless the agent is
+//! still preparing it. The decisions are pure functions in `decide`,
+//! tested without KVM.
 
-use std::time::{Duration, Instant};
+mod decide;
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use api::agent::{GuestMessage, HostMessage};
-use api::{ApiError, ErrorCode, VmInfo, VmState};
+use api::{
+    ApiError, ErrorCode, FaultInjected, FaultKind, FaultTarget, GuestWorkers, VcpuList, VcpuState,
+    VmInfo, VmState,
+};
 
+use self::decide::{FaultStep, Removal, Route, Snapshot};
 use crate::agent::{AgentLink, AgentSink};
 use crate::bus::lock;
 use crate::control::{plan, Action, OperationTable, Reply, VmmMetrics};
@@ -24,6 +37,9 @@ pub const ADD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent has to prepare a removal before the VMM falls back
 /// to the plain ACPI eject.
 pub const AGENT_PREPARE_TIMEOUT: Duration = Duration::from_secs(5);
+/// `GET /api/v1/guest/workers` asks a connected agent for a fresh snapshot
+/// at most this often (each one costs the guest a UART exit per byte).
+pub const SNAPSHOT_REQUEST_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Static facts about the VM for `GET /api/v1/vm`.
 #[derive(Clone, Copy, Debug)]
@@ -49,8 +65,17 @@ pub struct Hotplug {
     /// an add and removals use the plain ACPI eject.
     agent: AgentLink,
     agent_uart: Arc<Mutex<SerialDevice<AgentSink>>>,
-    /// vCPU -> when the agent was asked to prepare its removal.
-    preparing: Vec<Option<Instant>>,
+    /// vCPU -> where its removal stands with the guest (`None`: none).
+    removals: Vec<Option<Removal>>,
+    /// vCPU -> the `ignore_removal` test hook is armed (one-shot).
+    withhold_next_removal: Vec<bool>,
+    /// Whether the test hooks (fault injection) are honoured.
+    test_hooks: bool,
+    /// When the agent's current worker snapshot arrived (`None`: none
+    /// since it last started).
+    snapshot_at: Option<Instant>,
+    /// When a snapshot was last asked for.
+    snapshot_asked: Option<Instant>,
     stopping: bool,
 }
 
@@ -70,9 +95,20 @@ impl Hotplug {
             deadlines: vec![None; n],
             agent: AgentLink::new(),
             agent_uart,
-            preparing: vec![None; n],
+            removals: vec![None; n],
+            withhold_next_removal: vec![false; n],
+            test_hooks: false,
+            snapshot_at: None,
+            snapshot_asked: None,
             stopping: false,
         }
+    }
+
+    /// Honour the test hooks (`--test-hooks`); off by default, when
+    /// [`Action::InjectFault`] answers `not_found` like an unknown path.
+    pub fn with_test_hooks(mut self, on: bool) -> Self {
+        self.test_hooks = on;
+        self
     }
 
     /// The agent link.
@@ -87,23 +123,100 @@ impl Hotplug {
 
     /// Starts removing `id`: through the agent when one is connected (it
     /// parks the CPU's workers and offlines it, then the ACPI eject
-    /// follows), else through the ACPI eject alone.
+    /// follows), else through the ACPI eject alone; or, with the
+    /// `ignore_removal` hook armed, only reserves it.
     fn start_remove(&mut self, id: u32, now: Instant) -> Result<(), String> {
-        if self.agent.connected() {
-            self.cpus.reserve_remove(id).map_err(|e| e.to_string())?;
+        let withhold = self
+            .withhold_next_removal
+            .get_mut(id as usize)
+            .is_some_and(std::mem::take);
+        match decide::first_route(self.agent.connected(), withhold) {
+            Route::Withhold => {
+                self.cpus.reserve_remove(id).map_err(|e| e.to_string())?;
+                self.set_removal(id, Some(Removal::Withheld));
+                log::warn!("vCPU {id}: removal reserved but not sent (test hook ignore_removal)");
+                self.ops.vcpu_note(
+                    id,
+                    "test hook ignore_removal: the request was not sent to the guest",
+                );
+                Ok(())
+            }
+            Route::Agent => {
+                self.cpus.reserve_remove(id).map_err(|e| e.to_string())?;
+                self.tell_guest(id, Route::Agent, now)
+            }
+            Route::Acpi => {
+                self.ops
+                    .vcpu_note(id, "no guest agent connected; used the plain ACPI eject");
+                self.cpus.begin_remove(id).map_err(|e| e.to_string())?;
+                self.set_removal(id, Some(Removal::Ejecting));
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks the guest to remove `id` (already reserved): through the
+    /// agent's prepare step for [`Route::Agent`] (the plain eject if the
+    /// agent cannot be reached), else the ACPI eject.
+    fn tell_guest(&mut self, id: u32, route: Route, now: Instant) -> Result<(), String> {
+        if route == Route::Agent {
             if self.send_agent(&HostMessage::PrepareRemove { cpu: id }) {
-                self.preparing[id as usize] = Some(now);
+                self.set_removal(id, Some(Removal::Preparing(now)));
                 return Ok(());
             }
             self.ops.vcpu_note(
                 id,
                 "the agent could not be reached; used the plain ACPI eject",
             );
-            return self.cpus.signal_remove(id).map_err(|e| e.to_string());
         }
-        self.ops
-            .vcpu_note(id, "no guest agent connected; used the plain ACPI eject");
-        self.cpus.begin_remove(id).map_err(|e| e.to_string())
+        self.eject(id)
+    }
+
+    /// Requests (or re-requests) the ACPI eject of `id`.
+    fn eject(&mut self, id: u32) -> Result<(), String> {
+        self.cpus.signal_remove(id).map_err(|e| e.to_string())?;
+        self.set_removal(id, Some(Removal::Ejecting));
+        Ok(())
+    }
+
+    /// Asks the guest again for removals in flight that a repeated `DELETE`
+    /// waits for (see [`decide::resignal_targets`]); the guest gets a new
+    /// [`REMOVE_TIMEOUT`].
+    fn resignal(&mut self, plan: &crate::control::Plan, states: &[VcpuState], now: Instant) {
+        for id in decide::resignal_targets(plan, states) {
+            let phase = self.removals.get(id as usize).copied().flatten();
+            let Some(route) = decide::resend_route(phase, self.agent.connected()) else {
+                continue;
+            };
+            let how = match route {
+                Route::Agent => "through the guest agent",
+                Route::Acpi | Route::Withhold => "with the ACPI eject",
+            };
+            log::info!("vCPU {id}: removal asked for again; sending it again {how}");
+            self.ops
+                .vcpu_note(id, &format!("asked again; sent the request again {how}"));
+            match self.tell_guest(id, route, now) {
+                Ok(()) => self.deadlines[id as usize] = Some(now),
+                Err(e) => self.abort_remove(id, &e),
+            }
+        }
+    }
+
+    /// Gives up removing `id` (it stays present) and fails its operations.
+    fn abort_remove(&mut self, id: u32, reason: &str) {
+        let mut reason = reason.to_owned();
+        if self.cpus.states().get(id as usize) == Some(&VcpuState::Removing) {
+            if let Err(e) = self.cpus.cancel_remove(id) {
+                reason.push_str(&format!(" (and undoing failed: {e})"));
+            }
+        }
+        self.fail(id, &reason);
+    }
+
+    fn set_removal(&mut self, id: u32, removal: Option<Removal>) {
+        if let Some(slot) = self.removals.get_mut(id as usize) {
+            *slot = removal;
+        }
     }
 
     /// A line arrived from the guest agent.
@@ -113,6 +226,9 @@ impl Hotplug {
         };
         match msg {
             GuestMessage::Ready { online, .. } => {
+                // A (re)started agent: its old snapshot no longer holds.
+                self.snapshot_at = None;
+                self.snapshot_asked = None;
                 for cpu in online {
                     self.on_guest_cpu(cpu, true);
                 }
@@ -130,31 +246,28 @@ impl Hotplug {
                 self.on_guest_cpu(cpu, online);
             }
             GuestMessage::Prepared { cpu, ok, reason } => self.on_prepared(cpu, ok, reason),
-            GuestMessage::Heartbeat | GuestMessage::Workers { .. } => {}
+            GuestMessage::Workers { .. } => self.snapshot_at = Some(Instant::now()),
+            GuestMessage::Heartbeat => {}
         }
     }
 
     fn on_prepared(&mut self, cpu: u32, ok: bool, reason: Option<String>) {
-        let Some(slot) = self.preparing.get_mut(cpu as usize) else {
-            return;
-        };
-        if slot.take().is_none() {
+        let phase = self.removals.get(cpu as usize).copied().flatten();
+        if !matches!(phase, Some(Removal::Preparing(_))) {
             log::warn!("agent: unexpected prepared answer for CPU {cpu}");
             return;
         }
         if ok {
-            if let Err(e) = self.cpus.signal_remove(cpu) {
-                self.fail(cpu, &e.to_string());
+            if let Err(e) = self.eject(cpu) {
+                self.abort_remove(cpu, &e);
             }
             return;
         }
         let reason = reason.unwrap_or_else(|| "no reason given".into());
-        let undo = self.cpus.cancel_remove(cpu);
-        let mut msg = format!("the guest agent refused to offline it: {reason}");
-        if let Err(e) = undo {
-            msg.push_str(&format!(" (and undoing failed: {e})"));
-        }
-        self.fail(cpu, &msg);
+        self.abort_remove(
+            cpu,
+            &format!("the guest agent refused to offline it: {reason}"),
+        );
     }
 
     /// The vCPU manager.
@@ -166,9 +279,11 @@ impl Hotplug {
     pub fn handle(&mut self, action: Action) -> Reply {
         match action {
             Action::GetVm => Reply::Vm(self.vm_info()),
-            Action::GetVcpus => Reply::Vcpus(self.cpus.vcpu_list()),
+            Action::GetVcpus => Reply::Vcpus(self.vcpu_list()),
             Action::GetOperation(id) => self.ops.reply(id),
             Action::GetMetrics => Reply::Metrics(self.metrics()),
+            Action::GetWorkers => Reply::Workers(self.guest_workers()),
+            Action::InjectFault { fault, cpu } => self.inject_fault(fault, cpu),
             Action::Resize { .. } | Action::AddVcpu(_) | Action::RemoveVcpu(_) => {
                 self.mutate(action)
             }
@@ -182,7 +297,8 @@ impl Hotplug {
                 "the VM is shutting down",
             ));
         }
-        let plan = match plan(action, &self.cpus.states()) {
+        let states = self.cpus.states();
+        let plan = match plan(action, &states) {
             Some(Ok(plan)) => plan,
             Some(Err(e)) => return Reply::Error(e),
             None => return Reply::Error(ApiError::new(ErrorCode::Internal, "not a mutation")),
@@ -198,16 +314,15 @@ impl Hotplug {
         for &id in &plan.remove {
             match self.start_remove(id, now) {
                 Ok(()) => self.deadlines[id as usize] = Some(now),
-                Err(e) => self.fail(id, &e),
+                Err(e) => self.abort_remove(id, &e),
             }
         }
+        self.resignal(&plan, &states, now);
         Reply::Mutation(mutation)
     }
 
     fn fail(&mut self, id: u32, reason: &str) {
-        if let Some(p) = self.preparing.get_mut(id as usize) {
-            *p = None;
-        }
+        self.set_removal(id, None);
         log::warn!("vCPU {id}: {reason}");
         self.failures += 1;
         self.ops.vcpu_failed(id, reason);
@@ -217,6 +332,7 @@ impl Hotplug {
     }
 
     fn done(&mut self, id: u32) {
+        self.set_removal(id, None);
         self.ops.vcpu_done(id);
         if let Some(d) = self.deadlines.get_mut(id as usize) {
             *d = None;
@@ -252,8 +368,8 @@ impl Hotplug {
         let now = Instant::now();
         let mut next: Option<Duration> = self.agent.silence_deadline();
         // Agent prepare steps that got no answer: fall back to ACPI.
-        for i in 0..self.preparing.len() {
-            let Some(asked) = self.preparing[i] else {
+        for i in 0..self.removals.len() {
+            let Some(Removal::Preparing(asked)) = self.removals[i] else {
                 continue;
             };
             let id = u32::try_from(i).unwrap_or(u32::MAX);
@@ -263,13 +379,12 @@ impl Hotplug {
                 next = Some(next.map_or(left, |n| n.min(left)));
                 continue;
             }
-            self.preparing[i] = None;
             self.ops.vcpu_note(
                 id,
                 "the guest agent did not answer the prepare request; used the plain ACPI eject",
             );
-            if let Err(e) = self.cpus.signal_remove(id) {
-                self.fail(id, &e.to_string());
+            if let Err(e) = self.eject(id) {
+                self.abort_remove(id, &e);
             }
         }
         let states = self.cpus.states();
@@ -277,8 +392,8 @@ impl Hotplug {
             let Some(started) = started else { continue };
             let id = u32::try_from(i).unwrap_or(u32::MAX);
             let limit = match states[i] {
-                api::VcpuState::Adding => ADD_TIMEOUT,
-                api::VcpuState::Removing => REMOVE_TIMEOUT,
+                VcpuState::Adding => ADD_TIMEOUT,
+                VcpuState::Removing => REMOVE_TIMEOUT,
                 _ => {
                     self.deadlines[i] = None;
                     continue;
@@ -290,17 +405,14 @@ impl Hotplug {
                 next = Some(next.map_or(left, |n| n.min(left)));
                 continue;
             }
-            let undo = if states[i] == api::VcpuState::Adding {
+            let adding = states[i] == VcpuState::Adding;
+            let withheld = self.removals[i] == Some(Removal::Withheld);
+            let undo = if adding {
                 self.cpus.cancel_add(id)
             } else {
                 self.cpus.cancel_remove(id)
             };
-            let what = if states[i] == api::VcpuState::Adding {
-                "bring it online"
-            } else {
-                "eject it; it stays present"
-            };
-            let mut reason = format!("the guest did not {what} within {}s", limit.as_secs());
+            let mut reason = decide::timeout_reason(adding, limit, withheld);
             if let Err(e) = undo {
                 reason.push_str(&format!(" (and undoing failed: {e})"));
             }
@@ -313,6 +425,73 @@ impl Hotplug {
     pub fn stop(&mut self) {
         self.stopping = true;
         self.ops.fail_all("the VM stopped");
+    }
+
+    /// Every vCPU, with its workers from the agent's last snapshot.
+    fn vcpu_list(&self) -> VcpuList {
+        let mut list = self.cpus.vcpu_list();
+        let workers = self.snapshot_at.map(|_| self.agent.workers().0);
+        decide::attach_workers(&mut list, workers);
+        list
+    }
+
+    /// The guest's view; asks a connected agent for a fresh snapshot (at
+    /// most every [`SNAPSHOT_REQUEST_INTERVAL`]) for the next call.
+    fn guest_workers(&mut self) -> GuestWorkers {
+        let now = Instant::now();
+        let connected = self.agent.connected();
+        if decide::wants_snapshot(
+            connected,
+            self.snapshot_asked,
+            now,
+            SNAPSHOT_REQUEST_INTERVAL,
+        ) {
+            self.snapshot_asked = Some(now);
+            self.send_agent(&HostMessage::Snapshot);
+        }
+        let (workers, done) = self.agent.workers();
+        let snapshot = self.snapshot_at.map(|at| Snapshot {
+            workers,
+            done,
+            age: now.saturating_duration_since(at),
+        });
+        decide::workers_view(
+            self.agent.connection_state(),
+            self.agent.version(),
+            snapshot,
+        )
+    }
+
+    /// A test fault (`POST /api/v1/test/faults`).
+    fn inject_fault(&mut self, fault: FaultKind, cpu: Option<u32>) -> Reply {
+        if !self.test_hooks {
+            return Reply::Error(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no such path: {}", api::routes::TEST_FAULTS),
+            ));
+        }
+        let max = self.removals.len();
+        let step = match decide::fault_step(fault, cpu, max, self.agent.connected()) {
+            Ok(step) => step,
+            Err(e) => return Reply::Error(e),
+        };
+        let target = match step {
+            FaultStep::WithholdRemoval(id) => {
+                self.withhold_next_removal[id as usize] = true;
+                FaultTarget::Vmm
+            }
+            FaultStep::Agent(msg) => {
+                if !self.send_agent(&msg) {
+                    return Reply::Error(ApiError::new(
+                        ErrorCode::AgentUnavailable,
+                        "the fault could not be queued for the guest agent (not reading ttyS1?)",
+                    ));
+                }
+                FaultTarget::Agent
+            }
+        };
+        log::warn!("test hook: fault {fault} (vCPU {cpu:?}) for the {target:?}");
+        Reply::FaultInjected(FaultInjected { fault, cpu, target })
     }
 
     fn vm_info(&self) -> VmInfo {

@@ -40,6 +40,10 @@ struct Cli {
     /// Console output: stdout, off, or file:PATH.
     #[arg(long, default_value = "stdout")]
     serial: SerialOutput,
+    /// Serve the test-only API routes (/api/v1/test/..., fault injection)
+    /// for end-to-end tests. Never in production.
+    #[arg(long)]
+    test_hooks: bool,
     /// Boot even though /dev/kvm is PVM (stock kernels will not boot).
     #[arg(long)]
     allow_pvm: bool,
@@ -116,7 +120,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         memory: cli.memory,
         api_socket: cli.api_socket.clone(),
         serial: cli.serial.clone(),
+        test_hooks: cli.test_hooks,
     };
+    if cfg.test_hooks {
+        log::warn!("test hooks enabled: the API serves /api/v1/test/ (fault injection)");
+    }
     let vmm = Vmm::start(&cfg)?;
     let reason = vmm.run()?;
     log::debug!("exiting with status {}", reason.exit_code());

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::client::{BlockingClient, Client, ClientError, MutationOutcome};
-use crate::OperationStatus;
+use crate::{FaultKind, OperationStatus};
 
 /// Exit status: success.
 pub const EXIT_OK: i32 = 0;
@@ -80,6 +80,18 @@ pub enum Command {
     },
     /// The VMM's counters in Prometheus text format.
     Metrics,
+    /// The guest's worker threads (per CPU) and work done, as its agent
+    /// last reported them.
+    Workers,
+    /// Test hook (VMM started with --test-hooks): make the guest agent or
+    /// the VMM misbehave. KIND: agent_refuse_offline CPU,
+    /// agent_force_offline CPU, agent_silence, ignore_removal CPU.
+    Fault {
+        /// What to break.
+        kind: FaultKind,
+        /// The vCPU it applies to (all but agent_silence need one).
+        cpu: Option<u32>,
+    },
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -114,6 +126,10 @@ where
             return EXIT_OK;
         }
     };
+    if let Some(problem) = usage_problem(&cli.command) {
+        let _ = writeln!(err, "vmmctl: {problem}");
+        return EXIT_USAGE;
+    }
     let client = match BlockingClient::from_client(Client::new(&cli.socket)) {
         Ok(client) => client,
         Err(e) => return report(&e, cli.json, out, err),
@@ -121,6 +137,16 @@ where
     match execute(&cli, &client, out) {
         Ok(code) => code,
         Err(e) => report(&e, cli.json, out, err),
+    }
+}
+
+/// What clap cannot check: a fault that applies to one CPU needs it.
+fn usage_problem(command: &Command) -> Option<String> {
+    match command {
+        Command::Fault { kind, cpu: None } if kind.needs_cpu() => Some(format!(
+            "{kind} applies to one vCPU: vmmctl fault {kind} CPU"
+        )),
+        _ => None,
     }
 }
 
@@ -144,6 +170,14 @@ fn execute(cli: &Cli, client: &BlockingClient, out: &mut dyn Write) -> Result<i3
             return Ok(status_exit(op.status));
         }
         Command::Metrics => client.metrics()?,
+        Command::Workers => {
+            let workers = client.guest_workers()?;
+            output(cli.json, &workers, || render::workers(&workers))
+        }
+        Command::Fault { kind, cpu } => {
+            let injected = client.inject_fault(*kind, *cpu)?;
+            output(cli.json, &injected, || render::fault(&injected))
+        }
     };
     let _ = out.write_all(text.as_bytes());
     Ok(EXIT_OK)
@@ -238,6 +272,28 @@ mod tests {
         assert_eq!(code, EXIT_UNREACHABLE);
         assert!(out.is_empty());
         assert!(err.contains("cannot connect to /nonexistent/sock"), "{err}");
+    }
+
+    #[test]
+    fn fault_arguments() {
+        let cli =
+            Cli::try_parse_from(["vmmctl", "-s", "x", "fault", "ignore_removal", "3"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Fault {
+                kind: FaultKind::IgnoreRemoval,
+                cpu: Some(3)
+            }
+        ));
+        let (code, _, err) = run_args(&["vmmctl", "-s", "x", "fault", "ignore_removal"]);
+        assert_eq!(code, EXIT_USAGE);
+        assert!(err.contains("applies to one vCPU"), "{err}");
+        let (code, _, err) = run_args(&["vmmctl", "-s", "x", "fault", "reboot"]);
+        assert_eq!(code, EXIT_USAGE);
+        assert!(err.contains("unknown fault `reboot`"), "{err}");
+        // agent_silence needs no CPU: it gets as far as connecting.
+        let (code, _, _) = run_args(&["vmmctl", "-s", "/nonexistent/s", "fault", "agent_silence"]);
+        assert_eq!(code, EXIT_UNREACHABLE);
     }
 
     #[test]

@@ -5,36 +5,136 @@ use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::client::{ClientError, MutationOutcome};
-use crate::{Operation, OperationKind, OperationStatus, VcpuList, VmInfo};
+use crate::{
+    FaultInjected, FaultTarget, GuestWorker, GuestWorkers, Operation, OperationKind,
+    OperationStatus, VcpuList, VmInfo,
+};
 
-/// `status`.
-pub(super) fn vm(vm: &VmInfo) -> String {
-    let agent = match (vm.agent_connected, &vm.agent_version) {
+fn agent(connected: Option<bool>, version: Option<&str>) -> String {
+    match (connected, version) {
         (Some(true), Some(v)) => format!("connected (version {v})"),
         (Some(true), None) => "connected".to_owned(),
         (Some(false), _) => "not connected".to_owned(),
         (None, _) => "unknown".to_owned(),
-    };
+    }
+}
+
+/// `status`.
+pub(super) fn vm(vm: &VmInfo) -> String {
+    let agent = agent(vm.agent_connected, vm.agent_version.as_deref());
     format!(
         "state:        {}\nvCPUs:        {} present ({} at boot, {} max)\nmemory:       {} MiB\nguest agent:  {agent}\n",
         vm.state, vm.present_vcpus, vm.boot_vcpus, vm.max_vcpus, vm.memory_mib
     )
 }
 
-/// `vcpus`: one line per vCPU.
+/// How many of `workers` are in each status, e.g. "2 active, 1 parked".
+fn worker_summary(workers: &[GuestWorker]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for w in workers {
+        match counts.iter_mut().find(|(s, _)| *s == w.status) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((&w.status, 1)),
+        }
+    }
+    if counts.is_empty() {
+        return "none".to_owned();
+    }
+    let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    parts.join(", ")
+}
+
+/// `vcpus`: one line per vCPU (with a WORKERS column once the guest agent
+/// has reported its workers).
 pub(super) fn vcpus(list: &VcpuList) -> String {
-    let mut text = String::from("ID    STATE     GUEST\n");
+    let with_workers = list.vcpus.iter().any(|v| v.workers.is_some());
+    let mut text = String::from(if with_workers {
+        "ID    STATE     GUEST    WORKERS\n"
+    } else {
+        "ID    STATE     GUEST\n"
+    });
     for v in &list.vcpus {
         let guest = match v.guest_online {
             Some(true) => "online",
             Some(false) => "offline",
             None => "-",
         };
-        let _ = writeln!(text, "{:<5} {:<9} {guest}", v.id, v.state.to_string());
+        let state = v.state.to_string();
+        match (&v.workers, with_workers) {
+            (Some(workers), _) => {
+                let summary = worker_summary(workers);
+                let _ = writeln!(text, "{:<5} {state:<9} {guest:<8} {summary}", v.id);
+            }
+            (None, true) => {
+                let _ = writeln!(text, "{:<5} {state:<9} {guest:<8} -", v.id);
+            }
+            (None, false) => {
+                let _ = writeln!(text, "{:<5} {state:<9} {guest}", v.id);
+            }
+        }
     }
     let present = list.count(crate::VcpuState::Present);
     let _ = writeln!(text, "{present} of {} present", list.max_vcpus);
     text
+}
+
+/// `workers`: the agent, then one line per worker thread (by CPU and
+/// descriptor), then the work done per CPU.
+pub(super) fn workers(w: &GuestWorkers) -> String {
+    let mut text = format!(
+        "guest agent:  {}\n",
+        agent(w.agent_connected, w.agent_version.as_deref())
+    );
+    let Some(age) = w.snapshot_age_ms else {
+        text.push_str("no worker snapshot from the guest agent yet\n");
+        return text;
+    };
+    let _ = writeln!(text, "snapshot:     {:.1} s old", age as f64 / 1000.0);
+    let mut sorted: Vec<&GuestWorker> = w.workers.iter().collect();
+    sorted.sort_by(|a, b| (a.cpu, &a.descriptor).cmp(&(b.cpu, &b.descriptor)));
+    let width = sorted
+        .iter()
+        .map(|w| w.descriptor.len())
+        .max()
+        .unwrap_or(0)
+        .max("DESCRIPTOR".len());
+    let _ = writeln!(
+        text,
+        "\nCPU   {:<width$}  STATUS   LAST  SETUP  PARK  UNPARK  THREAD_FN",
+        "DESCRIPTOR"
+    );
+    for w in sorted {
+        let last = w.last_cpu.map_or_else(|| "-".to_owned(), |c| c.to_string());
+        let _ = writeln!(
+            text,
+            "{:<5} {:<width$}  {:<8} {last:<5} {:<6} {:<5} {:<7} {}",
+            w.cpu,
+            w.descriptor,
+            w.status,
+            w.setup_calls,
+            w.park_calls,
+            w.unpark_calls,
+            w.thread_fn_calls
+        );
+    }
+    if !w.work.is_empty() {
+        text.push_str("\nCPU   ITEMS DONE\n");
+        let mut work = w.work.clone();
+        work.sort_by_key(|c| c.cpu);
+        for c in work {
+            let _ = writeln!(text, "{:<5} {}", c.cpu, c.items_done);
+        }
+    }
+    text
+}
+
+/// `fault`.
+pub(super) fn fault(f: &FaultInjected) -> String {
+    let on = f.cpu.map_or_else(String::new, |c| format!(" on vCPU {c}"));
+    match f.target {
+        FaultTarget::Agent => format!("fault {}{on} sent to the guest agent\n", f.fault),
+        FaultTarget::Vmm => format!("fault {}{on} armed in the VMM\n", f.fault),
+    }
 }
 
 fn ids(ids: &[u32]) -> String {
@@ -131,7 +231,7 @@ pub(super) fn error(error: &ClientError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ApiError, ErrorCode, VcpuInfo, VcpuState, VmState};
+    use crate::{ApiError, CpuWork, ErrorCode, FaultKind, VcpuInfo, VcpuState, VmState};
 
     fn op(status: OperationStatus) -> Operation {
         Operation {
@@ -155,11 +255,13 @@ mod tests {
                     id: 0,
                     state: VcpuState::Present,
                     guest_online: Some(true),
+                    workers: None,
                 },
                 VcpuInfo {
                     id: 1,
                     state: VcpuState::Adding,
                     guest_online: None,
+                    workers: None,
                 },
             ],
         };
@@ -167,6 +269,101 @@ mod tests {
             vcpus(&list),
             "ID    STATE     GUEST\n0     present   online\n1     adding    -\n1 of 2 present\n"
         );
+    }
+
+    fn worker(descriptor: &str, cpu: u32, status: &str) -> GuestWorker {
+        GuestWorker {
+            descriptor: descriptor.into(),
+            cpu,
+            status: status.into(),
+            last_cpu: (status == "active").then_some(cpu),
+            setup_calls: 1,
+            park_calls: 0,
+            unpark_calls: 0,
+            thread_fn_calls: 42,
+        }
+    }
+
+    #[test]
+    fn vcpu_table_with_workers() {
+        let list = VcpuList {
+            max_vcpus: 2,
+            vcpus: vec![
+                VcpuInfo {
+                    id: 0,
+                    state: VcpuState::Present,
+                    guest_online: Some(true),
+                    workers: Some(vec![
+                        worker("a", 0, "active"),
+                        worker("b", 0, "active"),
+                        worker("c", 0, "parked"),
+                    ]),
+                },
+                VcpuInfo {
+                    id: 1,
+                    state: VcpuState::Absent,
+                    guest_online: None,
+                    workers: None,
+                },
+            ],
+        };
+        assert_eq!(
+            vcpus(&list),
+            "ID    STATE     GUEST    WORKERS\n0     present   online   2 active, 1 parked\n1     absent    -        -\n1 of 2 present\n"
+        );
+    }
+
+    #[test]
+    fn workers_table() {
+        let mut w = GuestWorkers::unknown();
+        assert_eq!(
+            workers(&w),
+            "guest agent:  unknown\nno worker snapshot from the guest agent yet\n"
+        );
+        w.agent_connected = Some(true);
+        w.agent_version = Some("0.1".into());
+        w.snapshot_age_ms = Some(1500);
+        w.workers = vec![
+            worker("ksoftirqd", 1, "parked"),
+            worker("kworker", 0, "active"),
+        ];
+        w.work = vec![
+            CpuWork {
+                cpu: 1,
+                items_done: 3,
+            },
+            CpuWork {
+                cpu: 0,
+                items_done: 9,
+            },
+        ];
+        assert_eq!(
+            workers(&w),
+            "guest agent:  connected (version 0.1)\nsnapshot:     1.5 s old\n\n\
+             CPU   DESCRIPTOR  STATUS   LAST  SETUP  PARK  UNPARK  THREAD_FN\n\
+             0     kworker     active   0     1      0     0       42\n\
+             1     ksoftirqd   parked   -     1      0     0       42\n\
+             \nCPU   ITEMS DONE\n0     9\n1     3\n"
+        );
+    }
+
+    #[test]
+    fn fault_text() {
+        let f = FaultInjected {
+            fault: FaultKind::IgnoreRemoval,
+            cpu: Some(2),
+            target: FaultTarget::Vmm,
+        };
+        assert_eq!(
+            fault(&f),
+            "fault ignore_removal on vCPU 2 armed in the VMM\n"
+        );
+        let f = FaultInjected {
+            fault: FaultKind::AgentSilence,
+            cpu: None,
+            target: FaultTarget::Agent,
+        };
+        assert_eq!(fault(&f), "fault agent_silence sent to the guest agent\n");
     }
 
     #[test]

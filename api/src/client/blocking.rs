@@ -7,7 +7,7 @@ use std::time::Duration;
 use hyper::Method;
 
 use super::{Client, ClientError, MutationOutcome, RawResponse};
-use crate::{Operation, VcpuList, VmInfo};
+use crate::{FaultInjected, FaultKind, GuestWorkers, Operation, VcpuList, VmInfo};
 
 /// The same calls as [`Client`], blocking.
 #[derive(Debug)]
@@ -81,6 +81,20 @@ impl BlockingClient {
     /// `GET /api/v1/metrics`.
     pub fn metrics(&self) -> Result<String, ClientError> {
         self.runtime.block_on(self.client.metrics())
+    }
+
+    /// `GET /api/v1/guest/workers`.
+    pub fn guest_workers(&self) -> Result<GuestWorkers, ClientError> {
+        self.runtime.block_on(self.client.guest_workers())
+    }
+
+    /// `POST /api/v1/test/faults`; see [`Client::inject_fault`].
+    pub fn inject_fault(
+        &self,
+        fault: FaultKind,
+        cpu: Option<u32>,
+    ) -> Result<FaultInjected, ClientError> {
+        self.runtime.block_on(self.client.inject_fault(fault, cpu))
     }
 
     /// Any request; see [`Client::request`].

@@ -17,7 +17,10 @@ use hyper::Method;
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
-use crate::{routes, ApiError, ErrorBody, Operation, ResizeRequest, VcpuList, VmInfo};
+use crate::{
+    routes, ApiError, ErrorBody, FaultInjected, FaultKind, FaultRequest, GuestWorkers, Operation,
+    ResizeRequest, VcpuList, VmInfo,
+};
 
 pub use blocking::BlockingClient;
 
@@ -224,6 +227,28 @@ impl Client {
         } else {
             Err(response.into_error())
         }
+    }
+
+    /// `GET /api/v1/guest/workers`.
+    pub async fn guest_workers(&self) -> Result<GuestWorkers, ClientError> {
+        self.get(routes::GUEST_WORKERS).await?.into_result()
+    }
+
+    /// `POST /api/v1/test/faults` (test hook: a VMM without `--test-hooks`
+    /// answers `404`).
+    pub async fn inject_fault(
+        &self,
+        fault: FaultKind,
+        cpu: Option<u32>,
+    ) -> Result<FaultInjected, ClientError> {
+        let body = serde_json::to_vec(&FaultRequest { fault, cpu }).map_err(ClientError::Decode)?;
+        self.request(
+            Method::POST,
+            routes::TEST_FAULTS,
+            Some(("application/json", body)),
+        )
+        .await?
+        .into_result()
     }
 
     /// Send any request and return the whole answer, whatever its status.

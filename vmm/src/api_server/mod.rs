@@ -12,21 +12,27 @@
 //! `watch` channel here, so the VMM thread is never blocked or polled.
 //!
 //! # Layout
-//! `router` matches paths and methods; `vm`, `vcpus`, `operations` and
-//! `metrics` parse their requests into actions (one small file per
-//! resource); `parse` has the shared query and body rules; `response`
-//! builds the answers.
+//! `router` matches paths and methods; `vm`, `vcpus`, `operations`,
+//! `metrics`, `guest` and `test_hooks` parse their requests into actions
+//! (one small file per resource); `parse` has the shared query and body
+//! rules; `response` builds the answers.
+//!
+//! Test-hook routes (`api::routes::Route::test_only`) are served only with
+//! [`ServerOptions::test_hooks`]; otherwise they answer `404` like any
+//! unknown path, whatever the method.
 //!
 //! [`ApiServerHandle::shutdown`] (or dropping the handle) stops accepting,
 //! lets requests in flight finish for up to [`ServerOptions::grace`],
 //! joins the thread and removes the socket file.
 
+mod guest;
 mod metrics;
 mod operations;
 mod parse;
 mod response;
 mod router;
 mod socket;
+mod test_hooks;
 mod vcpus;
 mod vm;
 
@@ -79,6 +85,9 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// How long shutdown lets requests in flight finish.
     pub grace: Duration,
+    /// Serve the test-hook routes (the VMM's `--test-hooks`); off, they
+    /// answer `404` like an unknown path.
+    pub test_hooks: bool,
 }
 
 impl Default for ServerOptions {
@@ -88,6 +97,7 @@ impl Default for ServerOptions {
             header_timeout: Duration::from_secs(10),
             max_connections: 64,
             grace: Duration::from_secs(1),
+            test_hooks: false,
         }
     }
 }

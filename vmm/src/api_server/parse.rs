@@ -239,6 +239,13 @@ async fn drain(mut body: Incoming, mut seen: u64) {
     let _ = tokio::time::timeout(DRAIN_TIME, reading).await;
 }
 
+/// Read and discard a body the request is refused with anyway: wholly
+/// when within [`MAX_BODY_BYTES`], else up to [`DRAIN_BYTES`]; at most
+/// [`DRAIN_TIME`] in all.
+pub(super) async fn discard_body(headers: &HeaderMap, body: Incoming) {
+    let _ = tokio::time::timeout(DRAIN_TIME, read_body(headers, body)).await;
+}
+
 /// The `Content-Type` header as text (lossy when not visible ASCII).
 pub(super) fn content_type(headers: &HeaderMap) -> Option<String> {
     headers

@@ -11,7 +11,7 @@ use hyper::{Method, Request, Response};
 
 use super::parse::{self, Parsed, RequestError, RequestParts};
 use super::response::{self, Body};
-use super::{metrics, operations, vcpus, vm, ServerState};
+use super::{guest, metrics, operations, test_hooks, vcpus, vm, ServerState};
 use crate::control::{Action, ControlError, Reply};
 
 /// A path the API serves, with its id segment if it has one.
@@ -22,6 +22,8 @@ enum Resource<'a> {
     Vcpu(&'a str),
     Operation(&'a str),
     Metrics,
+    GuestWorkers,
+    TestFaults,
 }
 
 impl<'a> Resource<'a> {
@@ -36,6 +38,8 @@ impl<'a> Resource<'a> {
             },
             Some((_, "")) => return None,
             Some((_, id)) if id.contains('/') => return None,
+            Some(("guest", "workers")) => Self::GuestWorkers,
+            Some(("test", "faults")) => Self::TestFaults,
             Some(("vcpus", id)) => Self::Vcpu(id),
             Some(("operations", id)) => Self::Operation(id),
             Some(_) => return None,
@@ -50,6 +54,8 @@ impl<'a> Resource<'a> {
             Self::Vcpu(_) => "/api/v1/vcpus/{id}",
             Self::Operation(_) => "/api/v1/operations/{id}",
             Self::Metrics => routes::METRICS,
+            Self::GuestWorkers => routes::GUEST_WORKERS,
+            Self::TestFaults => routes::TEST_FAULTS,
         };
         ROUTES.iter().find(|r| r.template == template)
     }
@@ -75,16 +81,15 @@ async fn answer(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, RequestError> {
     let (head, body) = request.into_parts();
-    let path = head.uri.path();
-    let unknown = || RequestError::UnknownPath(path.to_owned());
-    let resource = Resource::parse(path).ok_or_else(unknown)?;
-    let route = resource.route().ok_or_else(unknown)?;
-    if !route.methods.contains(&head.method.as_str()) {
-        return Err(RequestError::MethodNotAllowed {
-            method: head.method.clone(),
-            allow: route.methods,
-        });
-    }
+    let resource = match resource(state, head.uri.path(), &head.method) {
+        Ok(resource) => resource,
+        Err(e) => {
+            // Read what the client is sending (bounded) before answering,
+            // so that it sees the answer rather than a closed connection.
+            parse::discard_body(&head.headers, body).await;
+            return Err(e);
+        }
+    };
     let parts = RequestParts {
         query: head.uri.query().map(str::to_owned),
         content_type: parse::content_type(&head.headers),
@@ -92,6 +97,28 @@ async fn answer(
     };
     let parsed = parse_request(resource, &head.method, &parts)?;
     Ok(dispatch(state, parsed).await)
+}
+
+/// The resource `path` names, if it serves `method`; test hooks are
+/// unknown paths unless the server runs with them.
+fn resource<'a>(
+    state: &ServerState,
+    path: &'a str,
+    method: &Method,
+) -> Result<Resource<'a>, RequestError> {
+    let unknown = || RequestError::UnknownPath(path.to_owned());
+    let resource = Resource::parse(path).ok_or_else(unknown)?;
+    let route = resource.route().ok_or_else(unknown)?;
+    if route.test_only && !state.options.test_hooks {
+        return Err(unknown());
+    }
+    if !route.methods.contains(&method.as_str()) {
+        return Err(RequestError::MethodNotAllowed {
+            method: method.clone(),
+            allow: route.methods,
+        });
+    }
+    Ok(resource)
 }
 
 /// The resource's parser for `method` (already checked against the route).
@@ -108,6 +135,8 @@ fn parse_request(
         (Resource::Vcpu(id), &Method::DELETE) => vcpus::parse_remove(id, parts),
         (Resource::Operation(id), &Method::GET) => operations::parse_get(id, parts),
         (Resource::Metrics, &Method::GET) => metrics::parse_get(parts),
+        (Resource::GuestWorkers, &Method::GET) => guest::parse_workers(parts),
+        (Resource::TestFaults, &Method::POST) => test_hooks::parse_fault(parts),
         _ => Err(RequestError::MethodNotAllowed {
             method: method.clone(),
             allow: resource.route().map_or(&[], |r| r.methods),
@@ -132,6 +161,8 @@ async fn dispatch(state: &ServerState, parsed: Parsed) -> Response<Body> {
         Reply::Vm(vm) => response::json(200, &vm),
         Reply::Vcpus(list) => response::json(200, &list),
         Reply::Operation(op) => response::json(200, &op),
+        Reply::Workers(workers) => response::json(200, &workers),
+        Reply::FaultInjected(injected) => response::json(200, &injected),
         Reply::Metrics(vmm) => response::with_body(
             200,
             metrics::PROMETHEUS_CONTENT_TYPE,
@@ -175,6 +206,8 @@ fn fits(action: Action, reply: &Reply) -> bool {
             | (Action::GetVcpus, Reply::Vcpus(_))
             | (Action::GetOperation(_), Reply::Operation(_))
             | (Action::GetMetrics, Reply::Metrics(_))
+            | (Action::GetWorkers, Reply::Workers(_))
+            | (Action::InjectFault { .. }, Reply::FaultInjected(_))
             | (
                 Action::Resize { .. } | Action::AddVcpu(_) | Action::RemoveVcpu(_),
                 Reply::Mutation(_)
@@ -200,6 +233,14 @@ mod tests {
             Some(Resource::Operation("x"))
         );
         assert_eq!(Resource::parse("/api/v1/metrics"), Some(Resource::Metrics));
+        assert_eq!(
+            Resource::parse("/api/v1/guest/workers"),
+            Some(Resource::GuestWorkers)
+        );
+        assert_eq!(
+            Resource::parse("/api/v1/test/faults"),
+            Some(Resource::TestFaults)
+        );
         for bad in [
             "/",
             "/api/v1",
@@ -210,6 +251,12 @@ mod tests {
             "/api/v1/vm/1",
             "/api/v2/vm",
             "/api/v1/vmx",
+            "/api/v1/guest",
+            "/api/v1/guest/",
+            "/api/v1/guest/x",
+            "/api/v1/guest/workers/1",
+            "/api/v1/test/faults/",
+            "/api/v1/test/other",
         ] {
             assert_eq!(Resource::parse(bad), None, "{bad}");
         }
@@ -223,6 +270,8 @@ mod tests {
             Resource::Vcpu("1"),
             Resource::Operation("1"),
             Resource::Metrics,
+            Resource::GuestWorkers,
+            Resource::TestFaults,
         ] {
             assert!(r.route().is_some(), "{r:?}");
         }
@@ -256,5 +305,13 @@ mod tests {
             &Reply::Metrics(VmmMetrics::default())
         ));
         assert!(!fits(Action::GetVm, &Reply::Metrics(VmmMetrics::default())));
+        assert!(fits(
+            Action::GetWorkers,
+            &Reply::Workers(api::GuestWorkers::unknown())
+        ));
+        assert!(!fits(
+            Action::GetMetrics,
+            &Reply::Workers(api::GuestWorkers::unknown())
+        ));
     }
 }

@@ -2,7 +2,9 @@
 //! control eventfd with epoll, drains the requests and answers them from a
 //! simulated set of vCPUs, using the same `control::plan` rules and
 //! `OperationTable` the real VMM uses. The guest "confirms" each change
-//! after a configurable delay, never, or fails it.
+//! after a configurable delay, never, or fails it. A simulated guest agent
+//! has a worker snapshot and takes test faults (when the harness runs with
+//! test hooks).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,7 +13,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use api::client::BlockingClient;
-use api::{VcpuInfo, VcpuList, VcpuState, VmInfo, VmState};
+use api::{
+    ApiError, ErrorCode, FaultInjected, FaultKind, FaultTarget, GuestWorkers, VcpuInfo, VcpuList,
+    VcpuState, VmInfo, VmState,
+};
 use vmm::api_server::{self, ApiMetrics, ApiServerHandle, ServerOptions};
 use vmm::control::{self, Action, ControlReceiver, OperationTable, Reply, Request, VmmMetrics};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -41,6 +46,14 @@ pub struct FakeState {
     pub drop_requests: bool,
     /// Delay every answer by this much (blocks the fake VMM thread).
     pub reply_delay: Duration,
+    /// Whether the simulated guest agent is connected.
+    pub agent_connected: bool,
+    /// The agent's worker snapshot, once it sent one.
+    pub snapshot: Option<GuestWorkers>,
+    /// Faults accepted, in order.
+    pub faults: Vec<(FaultKind, Option<u32>)>,
+    /// The VMM honours test hooks (as `Hotplug::with_test_hooks`).
+    pub test_hooks: bool,
     boot: u32,
 }
 
@@ -65,6 +78,10 @@ impl FakeState {
             settle,
             drop_requests: false,
             reply_delay: Duration::ZERO,
+            agent_connected: false,
+            snapshot: None,
+            faults: Vec::new(),
+            test_hooks: false,
             boot,
         }
     }
@@ -81,6 +98,10 @@ impl FakeState {
                     id: u32::try_from(i).unwrap(),
                     state: *state,
                     guest_online: *online,
+                    workers: self.snapshot.as_ref().map(|s| {
+                        let id = u32::try_from(i).unwrap();
+                        s.on_cpu(id).cloned().collect()
+                    }),
                 })
                 .collect(),
         }
@@ -100,9 +121,20 @@ impl FakeState {
                 )
                 .unwrap(),
                 memory_mib: 512,
-                agent_connected: None,
-                agent_version: None,
+                agent_connected: self.agent_connected.then_some(true),
+                agent_version: self.agent_connected.then(|| "fake".to_owned()),
             }),
+            Action::GetWorkers => Reply::Workers(match &self.snapshot {
+                Some(s) => s.clone(),
+                None => GuestWorkers {
+                    agent_connected: self.agent_connected.then_some(true),
+                    ..GuestWorkers::unknown()
+                },
+            }),
+            Action::InjectFault { fault, cpu } => match self.inject(fault, cpu) {
+                Ok(injected) => Reply::FaultInjected(injected),
+                Err(e) => Reply::Error(e),
+            },
             Action::GetVcpus => Reply::Vcpus(self.vcpus()),
             Action::GetOperation(id) => self.table.reply(id),
             Action::GetMetrics => Reply::Metrics(self.metrics),
@@ -133,6 +165,28 @@ impl FakeState {
                 }
             }
         }
+    }
+
+    /// The real VMM's rules for a test fault, simplified.
+    fn inject(&mut self, fault: FaultKind, cpu: Option<u32>) -> Result<FaultInjected, ApiError> {
+        if !self.test_hooks {
+            return Err(ApiError::new(ErrorCode::NotFound, "no such path"));
+        }
+        if cpu.is_some_and(|id| id as usize >= self.states.len()) {
+            return Err(ApiError::new(ErrorCode::VcpuNotFound, "no such vCPU"));
+        }
+        let target = match (fault.agent_fault(), cpu) {
+            (None, Some(0)) => {
+                return Err(ApiError::new(ErrorCode::Vcpu0NotRemovable, "vCPU 0"));
+            }
+            (None, _) => FaultTarget::Vmm,
+            (Some(_), _) if !self.agent_connected => {
+                return Err(ApiError::new(ErrorCode::AgentUnavailable, "no agent"));
+            }
+            (Some(_), _) => FaultTarget::Agent,
+        };
+        self.faults.push((fault, cpu));
+        Ok(FaultInjected { fault, cpu, target })
     }
 
     /// Settle every change whose time has come (all of them if `all`).
@@ -295,14 +349,23 @@ impl Harness {
         Self::start_with(MAX, BOOT, settle, ServerOptions::default())
     }
 
+    /// The default test VM with `--test-hooks`: the server serves the
+    /// test routes and the fake VMM honours them.
+    pub fn start_with_hooks(settle: Settle) -> Self {
+        let options = ServerOptions {
+            test_hooks: true,
+            ..ServerOptions::default()
+        };
+        Self::start_with(MAX, BOOT, settle, options)
+    }
+
     pub fn start_with(max: u32, boot: u32, settle: Settle, options: ServerOptions) -> Self {
         let scratch = Scratch::new();
         let socket = scratch.0.join("api.sock");
         let (sender, receiver) = control::channel().unwrap();
-        let fake = Fake::spawn(
-            receiver,
-            Arc::new(Mutex::new(FakeState::new(max, boot, settle))),
-        );
+        let mut state = FakeState::new(max, boot, settle);
+        state.test_hooks = options.test_hooks;
+        let fake = Fake::spawn(receiver, Arc::new(Mutex::new(state)));
         let metrics = Arc::new(ApiMetrics::new());
         let server =
             api_server::start_with(&socket, sender, Arc::clone(&metrics), options).unwrap();

@@ -1,11 +1,13 @@
 //! The API server through real HTTP over a real Unix socket, with the api
 //! crate's client, against a fake VMM (`fake`): every status code, `?wait`,
-//! idempotency, concurrency, the socket rules, the route table, `vmmctl`'s
-//! output, and schemathesis against `api/openapi.yaml`.
+//! idempotency, concurrency, the socket rules, the route table, the guest's
+//! view and the test hooks, `vmmctl`'s output, and schemathesis against
+//! `api/openapi.yaml`.
 
 mod concurrency;
 mod errors;
 mod fake;
+mod guest;
 mod mutations;
 mod routes;
 mod schemathesis;
