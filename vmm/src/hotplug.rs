@@ -5,7 +5,7 @@
 //! snapshot) and, with test hooks on, injects faults.
 //!
 //! A removal reaches the guest through the agent's prepare step then the
-//! ACPI eject, or the ACPI eject alone ([`decide::Removal`] says where it
+//! ACPI eject, or the ACPI eject alone (`decide::Removal` says where it
 //! stands). A repeated `DELETE` of a vCPU still being removed sends the
 //! request again (and restarts its [`REMOVE_TIMEOUT`]), unless the agent is
 //! still preparing it. The decisions are pure functions in `decide`,

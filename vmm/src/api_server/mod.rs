@@ -2,9 +2,9 @@
 //! own thread, serving a Unix socket.
 //!
 //! # Threading
-//! [`start`] binds the socket (mode 0600, see [`socket`]) and builds the
-//! runtime on the caller's thread, so every setup error is returned there,
-//! then moves both to the `vmm_api` thread. That thread accepts
+//! [`start`] binds the socket (mode 0600, see the `socket` module) and
+//! builds the runtime on the caller's thread, so every setup error is
+//! returned there, then moves both to the `vmm_api` thread. That thread accepts
 //! connections and answers requests; it never touches VMM state. Each
 //! request becomes a [`crate::control::Action`] sent through the
 //! [`ControlSender`] (which wakes the VMM's event loop); the reply comes
