@@ -294,7 +294,8 @@ mod tests {
 
     #[test]
     fn malformed_lines_are_rejected_with_a_reason() {
-        let bad: &[(&[u8], fn(&DecodeError) -> bool)] = &[
+        type Check = fn(&DecodeError) -> bool;
+        let bad: &[(&[u8], Check)] = &[
             (b"", |e| matches!(e, DecodeError::Malformed(_))),
             (b"not json", |e| matches!(e, DecodeError::Malformed(_))),
             (b"[1,2]", |e| matches!(e, DecodeError::Malformed(_))),

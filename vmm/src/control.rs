@@ -154,6 +154,13 @@ pub struct VmmMetrics {
     /// Guest accesses to the hotplug registers that were ignored (wrong
     /// width or offset, ejecting a vCPU not marked for removal, ...).
     pub ignored_register_accesses: u64,
+    /// vCPU fds created (never more than the maximum: removed vCPUs keep
+    /// their fd and re-adding reuses it).
+    pub vcpu_fds_created: u64,
+    /// Hot-adds that reused a kept vCPU fd.
+    pub vcpu_fds_reused: u64,
+    /// Lines from the guest agent dropped (oversized, malformed, wrong version).
+    pub agent_lines_dropped: u64,
 }
 
 /// Why a control message could not be exchanged.

@@ -517,6 +517,9 @@ impl Hotplug {
             hot_removes: c.hot_removes,
             hotplug_failures: self.failures,
             ignored_register_accesses: self.cpus.ignored_register_accesses(),
+            vcpu_fds_created: c.vcpu_fds_created,
+            vcpu_fds_reused: c.vcpu_fds_reused,
+            agent_lines_dropped: self.agent.counters().dropped,
         }
     }
 }

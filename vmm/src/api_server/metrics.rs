@@ -78,6 +78,21 @@ impl ApiMetrics {
                 "Guest accesses to the hotplug registers that were ignored.",
                 vmm.ignored_register_accesses,
             ),
+            (
+                "vmm_vcpu_fds_created_total",
+                "vCPU fds created; removed vCPUs keep theirs for reuse.",
+                vmm.vcpu_fds_created,
+            ),
+            (
+                "vmm_vcpu_fds_reused_total",
+                "Hot-adds that reused a kept vCPU fd.",
+                vmm.vcpu_fds_reused,
+            ),
+            (
+                "vmm_agent_lines_dropped_total",
+                "Lines from the guest agent dropped as oversized or malformed.",
+                vmm.agent_lines_dropped,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = write!(
@@ -139,8 +154,23 @@ mod tests {
             hot_removes: 1,
             hotplug_failures: 0,
             ignored_register_accesses: 7,
+            vcpu_fds_created: 8,
+            vcpu_fds_reused: 2,
+            agent_lines_dropped: 5,
         };
         let text = metrics.render(&vmm);
+        assert!(text.contains(
+            "vmm_vcpu_fds_created_total 8
+"
+        ));
+        assert!(text.contains(
+            "vmm_vcpu_fds_reused_total 2
+"
+        ));
+        assert!(text.contains(
+            "vmm_agent_lines_dropped_total 5
+"
+        ));
         assert!(
             text.contains("# TYPE vmm_vcpu_hot_adds_total counter\nvmm_vcpu_hot_adds_total 3\n")
         );
