@@ -112,8 +112,8 @@ pub struct Outbox {
 /// How the agent is set up besides its options.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Where worker threads are placed ([`smpboot::PinnedPlacement`] in
-    /// the guest).
+    /// Where worker threads are placed
+    /// ([`GuestPlacement`](crate::topology::GuestPlacement) in the guest).
     pub placement: Arc<dyn Placement>,
     /// The version sent in `ready`.
     pub version: String,

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::agent::encode;
-use smpboot::PinnedPlacement;
 
 use crate::agent::{Agent, AgentConfig, AgentError, Exit};
 use crate::channel::{self, Channel};
@@ -23,7 +22,7 @@ use crate::console::say;
 use crate::init::{self, Signal, Signals};
 use crate::kmsg;
 use crate::sysfs::Sysfs;
-use crate::topology::SysfsTopology;
+use crate::topology::{GuestPlacement, SysfsTopology};
 use crate::uevent::UeventSocket;
 
 /// Which descriptors were readable.
@@ -192,7 +191,7 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
     }
     let poweroff = opts.poweroff;
     let cfg = AgentConfig {
-        placement: Arc::new(PinnedPlacement),
+        placement: Arc::new(GuestPlacement),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         channel: channel.is_some(),
         preface,

@@ -9,7 +9,7 @@ use guest::agent::{Agent, AgentConfig, Exit};
 use guest::cmdline::Options;
 use guest::console::say;
 use guest::sysfs::Sysfs;
-use guest::topology::SysfsTopology;
+use guest::topology::{GuestPlacement, SysfsTopology};
 use guest::uevent::UeventSocket;
 use guest::{error_chain, event_loop, init, kmsg};
 
@@ -49,7 +49,7 @@ fn selftest(cmdline: Option<&str>) -> Result<(), String> {
     let topo =
         SysfsTopology::new(Sysfs::new(), Box::new(socket), true).map_err(|e| error_chain(&e))?;
     let cfg = AgentConfig {
-        placement: Arc::new(smpboot::PinnedPlacement),
+        placement: Arc::new(GuestPlacement),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         channel: false,
         preface: Vec::new(),

@@ -7,6 +7,9 @@
 //! [`smpboot::CpuEvent`]s. The uevents come from a [`UeventSource`]: the
 //! kernel's netlink socket in the guest, a queue of datagrams in tests.
 //!
+//! [`GuestPlacement`] pins the workers to their CPUs, tolerating CPUs that
+//! are not up yet.
+//!
 //! When the socket overflowed (events were lost), the topology re-reads
 //! `present` and `online`, compares them with what the events it did see
 //! said, and synthesizes the missing events, so a consumer never has to
@@ -19,7 +22,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use smpboot::{CpuEvent, CpuEventKind, Topology, TopologyError};
+use smpboot::{CpuEvent, CpuEventKind, Placement, PlacementError, Topology, TopologyError};
 
 use crate::sysfs::{CpuList, Sysfs, SysfsError};
 use crate::uevent::{self, Received, UeventSocket};
@@ -288,6 +291,35 @@ impl Topology for SysfsTopology {
     }
 }
 
+/// Pins each worker to its CPU, as the kernel binds a per-CPU kthread.
+///
+/// Unlike `kthread_bind`, `sched_setaffinity` refuses a CPU that is not
+/// online (EINVAL), and the registry creates a CPU's threads (parked)
+/// while preparing its bring-up, before it is online. Such a bind is
+/// deferred, not an error: the thread is parked, and the registry binds it
+/// again when it unparks it, after the CPU came up. (If the CPU went down
+/// again in between, the thread runs unpinned until the agent learns of
+/// it and parks it: the forced-offline case.)
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GuestPlacement;
+
+impl Placement for GuestPlacement {
+    fn bind(&self, cpu: u32) -> Result<(), PlacementError> {
+        match smpboot::pin_current_thread(cpu) {
+            Err(PlacementError::Pin { source, .. })
+                if source.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn current_cpu(&self, cpu: u32) -> u32 {
+        smpboot::current_cpu().unwrap_or(cpu)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -483,5 +515,26 @@ pub(crate) mod tests {
             t.next_event(Duration::ZERO).unwrap(),
             Some(ev(3, CpuEventKind::Added))
         );
+    }
+
+    #[test]
+    fn placement_defers_offline_cpus_and_pins_online_ones() {
+        std::thread::spawn(|| {
+            let allowed = smpboot::current_affinity().unwrap();
+            // A CPU number the machine does not have online.
+            let absent = (64..1024).find(|c| !allowed.contains(c)).unwrap();
+            GuestPlacement.bind(absent).unwrap();
+            assert_eq!(smpboot::current_affinity().unwrap(), allowed, "unchanged");
+            let cpu = allowed[0];
+            GuestPlacement.bind(cpu).unwrap();
+            assert_eq!(smpboot::current_affinity().unwrap(), vec![cpu]);
+            assert_eq!(GuestPlacement.current_cpu(cpu), cpu);
+            assert!(matches!(
+                GuestPlacement.bind(1 << 20),
+                Err(PlacementError::OutOfRange(_))
+            ));
+        })
+        .join()
+        .unwrap();
     }
 }
