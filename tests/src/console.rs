@@ -27,7 +27,8 @@ pub struct Line {
 pub enum Echo {
     /// Nowhere (tests print the log on failure).
     Off,
-    /// Standard output, as is (the `launch` binary).
+    /// Standard output, as is (the `launch` binary); the emulated host's
+    /// kernel lines only when they report its failure.
     Stdout,
     /// Standard error with timestamps (tests with `E2E_ECHO=1`).
     Stderr,
@@ -128,6 +129,10 @@ impl Console {
         };
         match self.echo {
             Echo::Off => {}
+            Echo::Stdout
+                if line.text.starts_with(crate::job::HOST_PREFIX)
+                    && crate::job::host_failure(&line.text).is_none()
+                    && !crate::job::host_panic(&line.text) => {}
             Echo::Stdout => {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{}", line.text);

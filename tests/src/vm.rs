@@ -316,14 +316,26 @@ fn boot_once(plan: &Plan) -> Result<RunningVm> {
         .unwrap_or_else(|| workdir.path().join("api.sock"));
     let console = Console::new(plan.echo);
     let backend = match &plan.payload {
-        Some((payload, qemu, image)) => Backend::Emulated(EmulatedHost::boot(
-            qemu,
-            image,
-            payload,
-            workdir.path(),
-            payload.api_socket.as_ref().map(|_| api_socket.as_path()),
-            console.clone(),
-        )?),
+        Some((payload, qemu, image)) => {
+            let host = EmulatedHost::boot(
+                qemu,
+                image,
+                payload,
+                workdir.path(),
+                payload.api_socket.as_ref().map(|_| api_socket.as_path()),
+                console.clone(),
+            );
+            match host {
+                Ok(host) => Backend::Emulated(host),
+                Err(e) => {
+                    eprintln!(
+                        "--- console of the failed boot ({e}) ---\n{}--- end ---",
+                        console.tail(80)
+                    );
+                    return Err(e);
+                }
+            }
+        }
         None => {
             crate::mux::remove_stale_socket(&api_socket)
                 .ctx(|| format!("cannot use {}", api_socket.display()))?;
