@@ -26,7 +26,7 @@
 //! # Messages to the VMM
 //! `ready` first; `cpu` on every change of the reported online set;
 //! `prepared` answers; `workers` when its structure (threads, statuses,
-//! setup/park/unpark counts) changed, checked at most every
+//! setup/park/unpark counts) changed, at most once per
 //! [`WORKERS_DEBOUNCE`], and on request; `heartbeat` after
 //! [`HEARTBEAT_MS`] without any other message. After a `silence` fault
 //! nothing at all.
@@ -140,7 +140,12 @@ pub struct Agent {
     silenced: bool,
     out: Outbox,
     last_sent: Instant,
+    /// When the `workers` structure was last compared.
     workers_checked: Option<Instant>,
+    /// When the last `workers` message was queued.
+    workers_sent_at: Option<Instant>,
+    /// The agent made a registry transition since the last comparison.
+    workers_dirty: bool,
     workers_sent: Option<workers::Structure>,
     dropped_lines: u64,
 }
@@ -225,6 +230,8 @@ impl Agent {
             out: Outbox::default(),
             last_sent: Instant::now(),
             workers_checked: None,
+            workers_sent_at: None,
+            workers_dirty: false,
             workers_sent: None,
             dropped_lines: 0,
         };
@@ -306,7 +313,7 @@ impl Agent {
             return;
         }
         self.out.host.push(msg);
-        self.last_sent = Instant::now();
+        self.last_sent = self.last_sent.max(Instant::now());
     }
 
     fn error(&mut self, line: String) {
@@ -358,6 +365,7 @@ impl Agent {
         })();
         match result {
             Ok(true) => {
+                self.workers_dirty = true;
                 self.onlining.insert(cpu);
                 self.trace(&format!("onlined cpu={cpu}"));
             }
@@ -387,6 +395,7 @@ impl Agent {
         })();
         match result {
             Ok(requested) => {
+                self.workers_dirty = true;
                 self.workers.workload().set_online(cpu, true);
                 self.reconcile(cpu, requested);
             }
@@ -410,6 +419,7 @@ impl Agent {
             Err(e) => return self.error(format!("cpu={cpu} workers: {e}")),
         };
         let forced = report.was_forced();
+        self.workers_dirty = true;
         if forced {
             self.workers.workload().set_online(cpu, false);
             self.trace(&format!("forced offline cpu={cpu}"));
@@ -487,6 +497,7 @@ impl Agent {
             }
             Ok(())
         })();
+        self.workers_dirty = true;
         match outcome {
             Ok(()) => {
                 self.reconcile(cpu, true);
@@ -528,7 +539,7 @@ impl Agent {
                 let answer = self.prepare_remove(cpu);
                 self.send(answer);
             }
-            HostMessage::Snapshot => self.send_workers(true),
+            HostMessage::Snapshot => self.send_workers(true, Instant::now()),
             HostMessage::Poweroff => return Some(Exit::PowerOff("reason=host".into())),
             HostMessage::Fault { fault, cpu } => self.on_fault(fault, cpu),
         }
@@ -557,7 +568,7 @@ impl Agent {
     }
 
     /// Queues a `workers` message if `force` or its structure changed.
-    fn send_workers(&mut self, force: bool) {
+    fn send_workers(&mut self, force: bool, now: Instant) {
         let Ok(snapshot) = self.registry.snapshot() else {
             return;
         };
@@ -568,23 +579,36 @@ impl Agent {
         let structure = workers::structure(infos);
         if force || self.workers_sent.as_ref() != Some(&structure) {
             self.workers_sent = Some(structure);
+            self.workers_sent_at = Some(now);
             self.send(msg);
         }
     }
 
-    /// Time-driven messages: a changed `workers` snapshot (checked every
+    /// When the `workers` structure is next compared (and sent if it
+    /// changed): right after a transition of the agent's own, else every
+    /// [`WORKERS_DEBOUNCE`] (threads settle asynchronously: setup and
+    /// unpark run after the transition returned), and never sooner than
+    /// [`WORKERS_DEBOUNCE`] after the last one sent.
+    fn workers_due(&self, now: Instant) -> Instant {
+        let check = match self.workers_checked {
+            Some(t) if !self.workers_dirty => t + WORKERS_DEBOUNCE,
+            _ => now,
+        };
+        let not_before = self.workers_sent_at.map_or(now, |t| t + WORKERS_DEBOUNCE);
+        check.max(not_before)
+    }
+
+    /// Time-driven messages: a changed `workers` snapshot (see
     /// [`WORKERS_DEBOUNCE`]) and the heartbeat.
     pub fn tick(&mut self, now: Instant) {
         if self.silenced {
             return;
         }
-        let due = self
-            .workers_checked
-            .is_none_or(|t| now >= t + WORKERS_DEBOUNCE);
         let queued = self.out.host.len();
-        if due {
+        if now >= self.workers_due(now) {
             self.workers_checked = Some(now);
-            self.send_workers(false);
+            self.workers_dirty = false;
+            self.send_workers(false, now);
         }
         if now >= self.last_sent + Duration::from_millis(HEARTBEAT_MS)
             && self.out.host.len() == queued
@@ -603,7 +627,7 @@ impl Agent {
             return None;
         }
         let heartbeat = self.last_sent + Duration::from_millis(HEARTBEAT_MS);
-        let workers = self.workers_checked.map_or(now, |t| t + WORKERS_DEBOUNCE);
+        let workers = self.workers_due(now);
         Some(heartbeat.min(workers).saturating_duration_since(now))
     }
 }

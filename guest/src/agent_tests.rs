@@ -464,20 +464,28 @@ fn heartbeat_and_debounced_snapshots() {
     // Idle for a heartbeat period: one heartbeat.
     r.agent.tick(t0 + Duration::from_millis(HEARTBEAT_MS + 100));
     assert_eq!(r.agent.take_output().host, [GuestMessage::Heartbeat]);
-    // A change is sent at the next check, not before.
+    // A change goes out at once when the last snapshot is old enough...
     r.hot_add(2);
     r.handle();
-    let t1 = Instant::now();
-    r.agent.tick(t1);
-    let checked = t1.max(t0 + Duration::from_millis(HEARTBEAT_MS + 100));
-    r.agent.tick(checked + Duration::from_millis(100));
-    assert!(r.agent.take_output().host.is_empty(), "debounced");
-    r.agent.tick(checked + WORKERS_DEBOUNCE);
+    let t2 = t0 + Duration::from_millis(HEARTBEAT_MS + 200);
+    r.agent.tick(t2);
+    let workers_of = |o: &Outbox| match &o.host[..] {
+        [GuestMessage::Workers { workers, .. }] => workers.clone(),
+        other => panic!("{other:?}"),
+    };
+    let w = workers_of(&r.agent.take_output());
+    assert_eq!(w.iter().filter(|i| i.status == "parked").count(), 3);
+    // ...and a second one waits out the debounce.
+    r.kernel_online(2);
+    assert_eq!(r.handle().host, [cpu_msg(2, true, true)]);
+    r.agent.tick(t2 + Duration::from_millis(100));
     let out = r.agent.take_output();
-    assert!(
-        matches!(&out.host[..], [GuestMessage::Workers { workers, .. }] if workers.len() == 9),
-        "{out:?}"
-    );
+    assert!(out.host.is_empty(), "debounced: {out:?}");
+    let left = r.agent.next_timeout(t2 + Duration::from_millis(100));
+    assert_eq!(left, Some(Duration::from_millis(400)));
+    r.agent.tick(t2 + WORKERS_DEBOUNCE);
+    let w = workers_of(&r.agent.take_output());
+    assert!(w.iter().all(|i| i.status == "active"), "{w:?}");
     // Asked for, it comes at once even if unchanged.
     let out = r.host(HostMessage::Snapshot);
     assert!(matches!(&out.host[..], [GuestMessage::Workers { .. }]));
