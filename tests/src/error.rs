@@ -88,6 +88,42 @@ impl Error {
     }
 }
 
+/// `error: cause: cause ...`, the whole source chain on one line.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Reports a test that cannot run here: prints one `E2E-SKIP: reason`
+/// line, or panics when `E2E_REQUIRE` is set (CI, where tests must run).
+pub fn skip(reason: &str) {
+    if std::env::var_os("E2E_REQUIRE").is_some() {
+        panic!("E2E_REQUIRE is set but the test cannot run: {reason}");
+    }
+    println!("E2E-SKIP: {reason}");
+}
+
+/// Ends a test on a harness result: passes on `Ok`, prints the skip line
+/// for [`Error::skip_reason`], panics with the error chain otherwise.
+pub fn conclude<T>(name: &str, result: Result<T>) -> Option<T> {
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => match e.skip_reason() {
+            Some(why) => {
+                skip(&why);
+                None
+            }
+            None => panic!("{name} failed: {}", chain(&e)),
+        },
+    }
+}
+
 /// Adds context to I/O results.
 pub(crate) trait IoContext<T> {
     /// Wraps the error with what was being done.

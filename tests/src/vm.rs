@@ -60,6 +60,8 @@ pub struct VmSpec {
     pub memory_mib: u32,
     /// Appended to the guest image's command line.
     pub extra_cmdline: Vec<String>,
+    /// Extra VMM arguments after the standard ones (e.g. `--test-hooks`).
+    pub extra_vmm_args: Vec<String>,
     /// API socket path on this machine; default: in the run's work dir.
     pub api_socket: Option<PathBuf>,
     /// Force a host kind; default: [`host::select`] (honours `E2E_HOST`).
@@ -78,6 +80,7 @@ impl Default for VmSpec {
             max_vcpus: 1,
             memory_mib: 256,
             extra_cmdline: Vec::new(),
+            extra_vmm_args: Vec::new(),
             api_socket: None,
             host: None,
             timeout: Duration::from_secs(300),
@@ -100,6 +103,12 @@ impl VmSpec {
     pub fn cmdline(mut self, params: &str) -> Self {
         self.extra_cmdline
             .extend(params.split_whitespace().map(str::to_string));
+        self
+    }
+
+    /// Adds an argument to the VMM's command line.
+    pub fn vmm_arg(mut self, arg: &str) -> Self {
+        self.extra_vmm_args.push(arg.to_string());
         self
     }
 
@@ -135,6 +144,7 @@ impl VmSpec {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(self.extra_vmm_args.iter().cloned())
         .collect()
     }
 }

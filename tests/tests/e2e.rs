@@ -11,22 +11,14 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use e2e::host;
-use e2e::{Error, HostJob, HostKind};
-
-/// Prints the skip line, or panics when skipping is not allowed.
-fn skip(reason: &str) {
-    if std::env::var_os("E2E_REQUIRE").is_some() {
-        panic!("E2E_REQUIRE is set but the test cannot run: {reason}");
-    }
-    println!("E2E-SKIP: {reason}");
-}
+use e2e::{HostJob, HostKind};
 
 /// The emulated host can run here (QEMU present), else a skip line.
 fn emulated_available() -> bool {
     match host::choose(&host::HostFacts::probe(), Some(HostKind::Emulated)) {
         Ok(_) => true,
         Err(e) => {
-            skip(&e.to_string());
+            e2e::skip(&e.to_string());
             false
         }
     }
@@ -42,11 +34,10 @@ fn testhost_kvm_selftest() {
         return;
     }
     let start = Instant::now();
-    let Some(mut vm) = launched(e2e::launch_host_job(
-        HostJob::KvmSelftest,
-        None,
-        Duration::from_secs(60),
-    )) else {
+    let Some(mut vm) = e2e::conclude(
+        "emulated host",
+        e2e::launch_host_job(HostJob::KvmSelftest, None, Duration::from_secs(60)),
+    ) else {
         return;
     };
     let t = vm.host_timings().expect("emulated");
@@ -67,31 +58,6 @@ fn testhost_kvm_selftest() {
     timed("testhost_kvm_selftest", start);
 }
 
-/// The launched VM, or `None` after a skip line; panics on failures.
-fn launched(r: e2e::Result<e2e::RunningVm>) -> Option<e2e::RunningVm> {
-    match r {
-        Ok(vm) => Some(vm),
-        Err(e) => match e.skip_reason() {
-            Some(why) => {
-                skip(&why);
-                None
-            }
-            None => panic!("emulated host did not boot: {}", report(&e)),
-        },
-    }
-}
-
-fn report(e: &Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 #[test]
 fn testhost_api_forward() {
     if !emulated_available() {
@@ -99,11 +65,14 @@ fn testhost_api_forward() {
     }
     let start = Instant::now();
     let sock = std::env::temp_dir().join(format!("e2e-fwd-{}.sock", std::process::id()));
-    let Some(mut vm) = launched(e2e::launch_host_job(
-        HostJob::EchoServer,
-        Some(sock.clone()),
-        Duration::from_secs(120),
-    )) else {
+    let Some(mut vm) = e2e::conclude(
+        "emulated host",
+        e2e::launch_host_job(
+            HostJob::EchoServer,
+            Some(sock.clone()),
+            Duration::from_secs(120),
+        ),
+    ) else {
         return;
     };
     assert_eq!(vm.api_socket(), sock.as_path());
@@ -210,12 +179,8 @@ fn boot() {
         }
         Ok(())
     });
-    match result {
-        Ok(()) => timed("boot", start),
-        Err(e) => match e.skip_reason() {
-            Some(why) => skip(&why),
-            None => panic!("boot failed: {}", report(&e)),
-        },
+    if e2e::conclude("boot", result).is_some() {
+        timed("boot", start);
     }
 }
 
@@ -252,12 +217,8 @@ fn api_reaches_the_vmm() {
         }
         Ok(())
     });
-    match result {
-        Ok(()) => timed("api_reaches_the_vmm", start),
-        Err(e) => match e.skip_reason() {
-            Some(why) => skip(&why),
-            None => panic!("API check failed: {}", report(&e)),
-        },
+    if e2e::conclude("api_reaches_the_vmm", result).is_some() {
+        timed("api_reaches_the_vmm", start);
     }
 }
 
@@ -293,11 +254,7 @@ fn hotplug_smoke() {
         }
         Ok(())
     });
-    match result {
-        Ok(()) => timed("hotplug_smoke", start),
-        Err(e) => match e.skip_reason() {
-            Some(why) => skip(&why),
-            None => panic!("hotplug failed: {}", report(&e)),
-        },
+    if e2e::conclude("hotplug_smoke", result).is_some() {
+        timed("hotplug_smoke", start);
     }
 }
