@@ -106,7 +106,10 @@ pub fn skip(reason: &str) {
     if std::env::var_os("E2E_REQUIRE").is_some() {
         panic!("E2E_REQUIRE is set but the test cannot run: {reason}");
     }
-    println!("E2E-SKIP: {reason}");
+    // Straight to the process's stdout, past the test runner's capture,
+    // so that the skip shows even when the test passes.
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "E2E-SKIP: {reason}");
 }
 
 /// Ends a test on a harness result: passes on `Ok`, prints the skip line
