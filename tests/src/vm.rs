@@ -340,7 +340,10 @@ fn boot_once(plan: &Plan) -> Result<RunningVm> {
             match host {
                 Ok(host) => Backend::Emulated(host),
                 Err(e) => {
-                    eprintln!(
+                    // Rare and worth seeing even if the retry passes.
+                    use std::io::Write;
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "--- console of the failed boot ({e}) ---\n{}--- end ---",
                         console.tail(80)
                     );
