@@ -235,6 +235,8 @@ impl EmulatedHost {
             }
             None => None,
         };
+        // Until the forwarder owns it, a failed boot removes the socket file.
+        let socket_guard = RemoveOnDrop(api_socket.map(Path::to_path_buf));
         let mut cmd = qemu_command(cfg, &image.kernel, &initrd, &kcon_path, &link_path);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -274,6 +276,7 @@ impl EmulatedHost {
         let mux = Mux::listener(Box::new(reader), Box::new(writer))
             .ctx(|| "cannot start the API forward".into())?;
         let forwarder = api_listener.map(|(l, p)| Forwarder::serve(l, p, mux.clone()));
+        socket_guard.disarm();
         let mut host = EmulatedHost {
             qemu,
             console,
@@ -406,6 +409,23 @@ impl Drop for EmulatedHost {
     fn drop(&mut self) {
         self.kill();
         self.forwarder.take();
+    }
+}
+
+/// Removes a file on drop unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 

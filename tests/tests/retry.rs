@@ -24,6 +24,10 @@ impl Fake {
     }
 
     fn launch(&self) -> e2e::Result<e2e::RunningVm> {
+        self.launch_with(None)
+    }
+
+    fn launch_with(&self, api_socket: Option<PathBuf>) -> e2e::Result<e2e::RunningVm> {
         let qemu = QemuConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_fake-qemu")));
         let image = HostImage {
             kernel: self.script.clone(),
@@ -92,11 +96,13 @@ fn testhost_init_errors_are_not_retried() {
         "error",
         "--- attempt 1\nout: TESTHOST-ERROR stage=modules cannot load kvm-amd.ko\nexit 0\n",
     );
-    match fake.launch() {
+    let sock = fake.dir.join("api.sock");
+    match fake.launch_with(Some(sock.clone())) {
         Err(Error::Testhost(line)) => assert!(line.contains("kvm-amd"), "{line}"),
         other => panic!("expected a testhost error, got {other:?}"),
     }
     assert_eq!(fake.starts(), 1);
+    assert!(!sock.exists(), "a failed boot left the API socket behind");
 }
 
 #[test]
