@@ -37,8 +37,8 @@ impl Fake {
         e2e::launch_host_job_on(
             qemu,
             image,
-            HostJob::KvmSelftest,
-            None,
+            HostJob::EchoServer,
+            api_socket,
             Duration::from_secs(30),
         )
     }
