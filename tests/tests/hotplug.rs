@@ -24,8 +24,13 @@ fn skip(reason: &str) {
     println!("E2E-SKIP: {reason}");
 }
 
-/// Parses a CPU list like "0-3,5".
+/// Parses a CPU list like "0-3,5" (stops at the first other character:
+/// console lines can be interleaved with other output).
 fn cpu_list(s: &str) -> BTreeSet<u32> {
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == ',' || c == '-'))
+        .unwrap_or(s.len());
+    let s = &s[..end];
     let mut set = BTreeSet::new();
     for part in s.split(',').filter(|p| !p.is_empty()) {
         match part.split_once('-') {
@@ -62,18 +67,35 @@ fn guest_online(vm: &RunningVm) -> Option<BTreeSet<u32>> {
         })
 }
 
-/// Waits until the guest reports exactly `want` online.
+/// The CPUs the guest agent reported online, through the API.
+fn api_guest_online(client: &BlockingClient) -> TestResult<BTreeSet<u32>> {
+    Ok(client
+        .vcpus()?
+        .vcpus
+        .iter()
+        .filter(|v| v.guest_online == Some(true))
+        .map(|v| v.id)
+        .collect())
+}
+
+/// Waits until the guest reports exactly `want` online, both on its
+/// console and through the agent's reports in the API.
 fn wait_guest_online(vm: &RunningVm, want: &BTreeSet<u32>) -> TestResult {
+    let client = BlockingClient::new(vm.api_socket())?;
     let deadline = Instant::now() + WAIT;
     loop {
-        let seen = guest_online(vm);
-        if seen.as_ref() == Some(want) {
+        let console = guest_online(vm);
+        let api = api_guest_online(&client)?;
+        if console.as_ref() == Some(want) && &api == want {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("guest online {seen:?}, expected {want:?}").into());
+            return Err(format!(
+                "guest online: console {console:?}, agent via API {api:?}; expected {want:?}"
+            )
+            .into());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -333,6 +355,8 @@ fn e2e_log(e: &e2e::Error) -> String {
 #[test]
 fn cpu_list_parsing() {
     assert_eq!(cpu_list("0-3,5"), set([0, 1, 2, 3, 5]));
+    assert_eq!(cpu_list("0[vmm 12.7s INFO ] x"), set([0]));
+    assert_eq!(cpu_list("0-2 forced=3"), set([0, 1, 2]));
     assert_eq!(cpu_list("0"), set([0]));
     assert_eq!(cpu_list(""), set([]));
 }

@@ -152,7 +152,6 @@ impl Vmm {
                 };
                 let metrics = StdArc::new(ApiMetrics::default());
                 let handle = api_server::start_with(path, control_tx, metrics, options)?;
-                log::info!("API listening on {}", path.display());
                 Some(handle)
             }
             None => None,
