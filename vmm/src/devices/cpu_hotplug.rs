@@ -187,8 +187,9 @@ impl CpuHotplugController {
             .ok_or(CpuHotplugError::OutOfRange(id))
     }
 
-    /// Marks a boot vCPU present, without an event for the guest.
-    pub fn mark_present(&mut self, id: u32) -> Result<(), CpuHotplugError> {
+    /// Makes absent vCPU `id` present, flagging the insertion for the
+    /// guest's scan when `announce` is set.
+    fn plug(&mut self, id: u32, announce: bool) -> Result<(), CpuHotplugError> {
         let slot = self.slot_mut(id)?;
         if slot.removal != Removal::None {
             return Err(CpuHotplugError::RemovalInProgress(id));
@@ -197,22 +198,19 @@ impl CpuHotplugController {
             return Err(CpuHotplugError::AlreadyPresent(id));
         }
         slot.present = true;
+        slot.inserting = announce;
         Ok(())
+    }
+
+    /// Marks a boot vCPU present, without an event for the guest.
+    pub fn mark_present(&mut self, id: u32) -> Result<(), CpuHotplugError> {
+        self.plug(id, false)
     }
 
     /// Hot-adds vCPU `id`: present and inserting. The owner then raises the
     /// GED's CPU-hotplug event.
     pub fn begin_insert(&mut self, id: u32) -> Result<(), CpuHotplugError> {
-        let slot = self.slot_mut(id)?;
-        if slot.removal != Removal::None {
-            return Err(CpuHotplugError::RemovalInProgress(id));
-        }
-        if slot.present {
-            return Err(CpuHotplugError::AlreadyPresent(id));
-        }
-        slot.present = true;
-        slot.inserting = true;
-        Ok(())
+        self.plug(id, true)
     }
 
     /// Asks the guest to remove vCPU `id`: removing, and pending removal
