@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod artifacts;
+pub mod bench;
 pub mod console;
 pub mod emulated;
 pub mod error;

@@ -252,6 +252,29 @@ pub fn launch_host_job_on(
     })
 }
 
+/// Boots the emulated host with any program and files (the benchmarks:
+/// `testhost-init bench` with both VMMs and their files); no API forward.
+pub fn launch_emulated_payload(
+    files: Vec<FileIn>,
+    argv: Vec<String>,
+    timeout: Duration,
+) -> Result<RunningVm> {
+    let (image, qemu) = emulated_host()?;
+    let payload = Payload {
+        files,
+        argv,
+        api_socket: None,
+        timeout,
+    };
+    launch_plan(&Plan {
+        kind: HostKind::Emulated,
+        direct_argv: Vec::new(),
+        payload: Some((payload, qemu, image)),
+        api_socket: None,
+        echo: default_echo(),
+    })
+}
+
 /// Launches `spec`, runs `scenario` on it, and retries the whole once if
 /// the emulated host itself failed. On failure the console log goes to
 /// stderr (shown by the test runner).

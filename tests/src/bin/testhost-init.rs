@@ -45,6 +45,7 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Some("bench") => std::process::exit(e2e::bench::inside::main(&args[2..])),
         _ if std::process::id() == 1 => init(),
         _ => {
             eprintln!("usage: testhost-init (as PID 1) | kvm-selftest | echo-server PATH");
