@@ -68,7 +68,10 @@ impl log::Log for StderrLogger {
     fn log(&self, r: &log::Record<'_>) {
         if self.enabled(r.metadata()) {
             let t = self.start.elapsed().as_secs_f64();
-            eprintln!("[vmm {t:9.3}s {:5}] {}", r.level(), r.args());
+            // One write per line: stderr is unbuffered, and the guest
+            // console may share the terminal.
+            let line = format!("[vmm {t:9.3}s {:5}] {}\n", r.level(), r.args());
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         }
     }
     fn flush(&self) {}

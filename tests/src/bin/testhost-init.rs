@@ -222,6 +222,50 @@ fn connect_patiently(path: &Path) -> std::io::Result<UnixStream> {
     }
 }
 
+/// Copies the child's stdout and stderr to the console whole lines at a
+/// time: the guest console (the VMM's stdout) and the VMM's log (stderr)
+/// never interleave within a line. Returns the writer thread, which ends
+/// once both streams are closed.
+fn relay_lines(child: &mut std::process::Child) -> std::thread::JoinHandle<()> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let streams: [Option<Box<dyn Read + Send>>; 2] = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ];
+    for stream in streams.into_iter().flatten() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            loop {
+                let mut line = Vec::new();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    std::thread::spawn(move || {
+        for line in rx {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&line);
+            let _ = out.flush();
+        }
+    })
+}
+
 /// Runs the job's program with the console as its output, bounded by the
 /// job's timeout.
 fn run_job(job: &Job) -> Result<ExitStatus> {
@@ -233,17 +277,23 @@ fn run_job(job: &Job) -> Result<ExitStatus> {
         .env("PATH", "/bin")
         .env("RUST_BACKTRACE", "1")
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("stage=job cannot start {prog}"))?;
+    let relay = relay_lines(&mut child);
     let deadline = Instant::now() + Duration::from_secs(job.timeout_secs);
     loop {
         if let Some(status) = child.try_wait().context("stage=job wait")? {
+            // Everything the job printed is on the console before its exit line.
+            let _ = relay.join();
             return Ok(status);
         }
         if Instant::now() >= deadline {
             dump_threads(child.id());
             let _ = child.kill();
             let _ = child.wait();
+            let _ = relay.join();
             bail!(
                 "stage=job timeout: {prog} still running after {}s, killed",
                 job.timeout_secs
