@@ -35,7 +35,7 @@ fn main() {
         Some("kvm-selftest") => match e2e::inside::selftest::run() {
             Ok(report) => println!("{report}"),
             Err(e) => {
-                eprintln!("kvm selftest failed: {}", chain(&e));
+                eprintln!("kvm selftest failed: {}", e2e::chain(&e));
                 std::process::exit(1);
             }
         },
@@ -52,17 +52,6 @@ fn main() {
             std::process::exit(2);
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// PID 1: never returns.
