@@ -139,9 +139,22 @@ struct Vm {
 }
 
 impl Drop for Vm {
+    /// Kills the VMM; waits at most 20 s for it (a KVM teardown can hang
+    /// in the emulated host's kernel), then leaves it behind with a note.
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        note(&format!(
+            "vmm={} pid={} did not exit within 20 s of SIGKILL",
+            self.kind.name(),
+            self.child.id()
+        ));
     }
 }
 
@@ -402,9 +415,12 @@ fn resize(vm: &mut Vm, cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// (cpu, items_done) pairs.
+type Work = Vec<(u64, u64)>;
+
 /// items_done per CPU from `GET /api/v1/guest/workers`, with the
 /// snapshot's age.
-fn work() -> Result<(Vec<(u64, u64)>, Option<u64>)> {
+fn work() -> Result<(Work, Option<u64>)> {
     let (status, body) = http(Path::new(API), "GET", "/api/v1/guest/workers", None)?;
     if status != 200 {
         return Err(BenchError::Protocol(format!("workers: {status} {body}")));

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -251,22 +251,37 @@ fn main() -> Result<()> {
     let timeout = Duration::from_secs(args.timeout);
     let mut vm = e2e::vm::launch_emulated_payload(files, argv, timeout)
         .context("cannot boot the emulated host")?;
-    let status = vm.wait_exit(timeout + Duration::from_secs(120));
-    let log = vm.console_log();
     let mut collected = Collected::default();
-    for line in log.lines() {
-        let bare = line.split_once("BENCH").map(|(_, r)| format!("BENCH{r}"));
-        let Some(bare) = bare else { continue };
-        if let Some(s) = Sample::parse(&bare) {
-            println!("{}", s.line());
-            collected.add(s);
-        } else if args.verbose || bare.starts_with("BENCH-NOTE") {
-            println!("{bare}");
+    let mut shown = 0;
+    let deadline = Instant::now() + timeout + Duration::from_secs(120);
+    let status = loop {
+        let done = vm.try_exit();
+        // Stream what arrived since the last look.
+        let log = vm.console_log();
+        for line in log.lines().skip(shown) {
+            shown += 1;
+            let bare = line.split_once("BENCH").map(|(_, r)| format!("BENCH{r}"));
+            match bare.as_deref().map(|b| (b, Sample::parse(b))) {
+                Some((_, Some(s))) => {
+                    println!("{}", s.line());
+                    collected.add(s);
+                }
+                Some((b, None)) if b.starts_with("BENCH-NOTE") => println!("{b}"),
+                _ if args.verbose => println!("{line}"),
+                _ => {}
+            }
         }
-    }
-    if args.verbose {
-        println!("--- console ---\n{log}--- end ---");
-    }
+        match done {
+            Ok(Some(s)) => break Ok(s),
+            Err(e) => break Err(e),
+            Ok(None) if Instant::now() >= deadline => {
+                vm.kill();
+                bail!("the emulated host did not finish within {timeout:?}");
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    let log = vm.console_log();
     table(&collected);
     match status {
         Ok(0) => Ok(()),
