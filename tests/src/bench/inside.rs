@@ -303,6 +303,15 @@ fn ours_resize(desired: u32) -> Result<()> {
             "resize to {desired}: {status} {body}"
         )));
     }
+    // A succeeded operation with a reason (e.g. a fallback) is worth seeing.
+    if let Ok(v) = serde_json::from_str::<Value>(&body) {
+        if let Some(reason) = v["reason"].as_str() {
+            note(&format!(
+                "resize to {desired}: duration_ms={} reason={reason}",
+                v["duration_ms"]
+            ));
+        }
+    }
     Ok(())
 }
 
