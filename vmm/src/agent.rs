@@ -17,6 +17,9 @@ use crate::events::{EventSender, VmEvent};
 
 /// How long without any message before the agent counts as disconnected.
 pub const AGENT_SILENCE_LIMIT: Duration = Duration::from_millis(3500);
+/// Host-to-guest bytes kept while the guest is not reading ttyS1; past
+/// this, new messages are refused (the agent is not listening).
+pub const OUTBOX_LIMIT: usize = 4096;
 
 /// COM2's output: bytes from the guest, split into lines for the VMM thread.
 #[derive(Debug)]
@@ -71,6 +74,9 @@ pub struct AgentLink {
     workers: Vec<WorkerInfo>,
     done: Vec<(u32, u64)>,
     counters: AgentCounters,
+    /// Encoded host messages not yet taken by the UART's 64-byte receive
+    /// FIFO; pushed as the guest drains it.
+    outbox: std::collections::VecDeque<u8>,
 }
 
 impl AgentLink {
@@ -147,16 +153,38 @@ impl AgentLink {
         self.counters
     }
 
-    /// Encodes `msg` for the guest and hands it to `enqueue` (the UART's
-    /// receive FIFO); returns whether it fit.
-    pub fn send(&mut self, msg: &HostMessage, enqueue: impl FnOnce(&[u8]) -> usize) -> bool {
+    /// Queues `msg` for the guest and pushes what fits into the UART's
+    /// receive FIFO (`enqueue` takes bytes and says how many it took); the
+    /// rest follows on [`Self::flush`]. Returns false when the outbox is
+    /// full (the guest has not been reading).
+    pub fn send(&mut self, msg: &HostMessage, enqueue: impl FnMut(&[u8]) -> usize) -> bool {
         let line = encode(msg);
-        let fit = enqueue(line.as_bytes()) == line.len();
-        if !fit {
+        if self.outbox.len() + line.len() > OUTBOX_LIMIT {
             self.counters.send_failures += 1;
             log::warn!("agent: could not queue {msg:?} (guest not reading ttyS1?)");
+            return false;
         }
-        fit
+        self.outbox.extend(line.as_bytes());
+        self.flush(enqueue);
+        true
+    }
+
+    /// Pushes queued bytes into the FIFO until it is full.
+    pub fn flush(&mut self, mut enqueue: impl FnMut(&[u8]) -> usize) {
+        while !self.outbox.is_empty() {
+            let (chunk, _) = self.outbox.as_slices();
+            let len = chunk.len();
+            let taken = enqueue(chunk).min(len);
+            self.outbox.drain(..taken);
+            if taken < len || taken == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Whether bytes wait for room in the guest's FIFO.
+    pub fn has_pending_output(&self) -> bool {
+        !self.outbox.is_empty()
     }
 }
 
@@ -196,9 +224,26 @@ mod tests {
         assert_eq!(link.connection_state(), Some(true));
         assert_eq!(link.version(), Some("1.2.3"));
         assert!(link.silence_deadline().unwrap() <= AGENT_SILENCE_LIMIT);
-        // A full FIFO is reported, not hidden.
-        assert!(!link.send(&HostMessage::Snapshot, |_| 3));
-        assert!(link.send(&HostMessage::Snapshot, |b| b.len()));
+        // What the FIFO cannot take waits in the outbox, in order.
+        let mut fifo: Vec<u8> = Vec::new();
+        let mut room = 10;
+        assert!(link.send(&HostMessage::Snapshot, |b| {
+            let n = b.len().min(room);
+            fifo.extend(&b[..n]);
+            room -= n;
+            n
+        }));
+        assert!(link.has_pending_output());
+        assert!(link.send(&HostMessage::Poweroff, |_| 0));
+        link.flush(|b| {
+            fifo.extend(b);
+            b.len()
+        });
+        assert!(!link.has_pending_output());
+        let want = encode(&HostMessage::Snapshot) + &encode(&HostMessage::Poweroff);
+        assert_eq!(String::from_utf8(fifo).unwrap(), want);
+        // A guest that never reads: the outbox is bounded and says so.
+        while link.send(&HostMessage::Snapshot, |_| 0) {}
         assert_eq!(link.counters().send_failures, 1);
     }
 }

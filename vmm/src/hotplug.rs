@@ -37,6 +37,9 @@ pub const ADD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent has to prepare a removal before the VMM falls back
 /// to the plain ACPI eject.
 pub const AGENT_PREPARE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon to retry pushing host messages the guest's UART FIFO could not
+/// take yet.
+pub const AGENT_FLUSH_INTERVAL: Duration = Duration::from_millis(2);
 /// `GET /api/v1/guest/workers` asks a connected agent for a fresh snapshot
 /// at most this often (each one costs the guest a UART exit per byte).
 pub const SNAPSHOT_REQUEST_INTERVAL: Duration = Duration::from_secs(1);
@@ -121,6 +124,50 @@ impl Hotplug {
         self.agent.send(msg, |b| lock(&uart).enqueue_input(b))
     }
 
+    /// Pushes queued host messages into the guest's UART FIFO.
+    fn flush_agent(&mut self) {
+        let uart = self.agent_uart.clone();
+        self.agent.flush(|b| lock(&uart).enqueue_input(b));
+    }
+
+    /// Hands the next queued removal to the agent when none is being
+    /// prepared: the agent prepares one CPU at a time (each with its own
+    /// [`AGENT_PREPARE_TIMEOUT`]); without an agent the queue is ejected.
+    fn pump_prepares(&mut self, now: Instant) {
+        let busy = self
+            .removals
+            .iter()
+            .any(|r| matches!(r, Some(Removal::Preparing(_))));
+        let queued = |r: &Option<Removal>| *r == Some(Removal::Queued);
+        if !self.agent.connected() {
+            let waiting: Vec<u32> = (0..self.removals.len())
+                .filter(|&i| queued(&self.removals[i]))
+                .filter_map(|i| u32::try_from(i).ok())
+                .collect();
+            for id in waiting {
+                self.ops
+                    .vcpu_note(id, "the guest agent went away; used the plain ACPI eject");
+                if let Err(e) = self.eject(id) {
+                    self.abort_remove(id, &e);
+                }
+            }
+            return;
+        }
+        if busy {
+            return;
+        }
+        // Highest id first, as a resize removes them.
+        let next = (0..self.removals.len())
+            .rev()
+            .find(|&i| queued(&self.removals[i]))
+            .and_then(|i| u32::try_from(i).ok());
+        if let Some(id) = next {
+            if let Err(e) = self.tell_guest(id, Route::Agent, now) {
+                self.abort_remove(id, &e);
+            }
+        }
+    }
+
     /// Starts removing `id`: through the agent when one is connected (it
     /// parks the CPU's workers and offlines it, then the ACPI eject
     /// follows), else through the ACPI eject alone; or, with the
@@ -159,6 +206,15 @@ impl Hotplug {
     /// agent's prepare step for [`Route::Agent`] (the plain eject if the
     /// agent cannot be reached), else the ACPI eject.
     fn tell_guest(&mut self, id: u32, route: Route, now: Instant) -> Result<(), String> {
+        let agent_busy = self
+            .removals
+            .iter()
+            .enumerate()
+            .any(|(i, r)| i != id as usize && matches!(r, Some(Removal::Preparing(_))));
+        if route == Route::Agent && agent_busy {
+            self.set_removal(id, Some(Removal::Queued));
+            return Ok(());
+        }
         if route == Route::Agent {
             if self.send_agent(&HostMessage::PrepareRemove { cpu: id }) {
                 self.set_removal(id, Some(Removal::Preparing(now)));
@@ -221,6 +277,7 @@ impl Hotplug {
 
     /// A line arrived from the guest agent.
     pub fn on_agent_line(&mut self, line: Option<Vec<u8>>) {
+        self.flush_agent();
         let Some(msg) = self.agent.on_line(line) else {
             return;
         };
@@ -261,13 +318,14 @@ impl Hotplug {
             if let Err(e) = self.eject(cpu) {
                 self.abort_remove(cpu, &e);
             }
-            return;
+        } else {
+            let reason = reason.unwrap_or_else(|| "no reason given".into());
+            self.abort_remove(
+                cpu,
+                &format!("the guest agent refused to offline it: {reason}"),
+            );
         }
-        let reason = reason.unwrap_or_else(|| "no reason given".into());
-        self.abort_remove(
-            cpu,
-            &format!("the guest agent refused to offline it: {reason}"),
-        );
+        self.pump_prepares(Instant::now());
     }
 
     /// The vCPU manager.
@@ -366,7 +424,12 @@ impl Hotplug {
     /// how long until the next deadline, if any is pending.
     pub fn check_deadlines(&mut self) -> Option<Duration> {
         let now = Instant::now();
+        self.flush_agent();
         let mut next: Option<Duration> = self.agent.silence_deadline();
+        if self.agent.has_pending_output() {
+            // The guest drains its FIFO within microseconds of the interrupt.
+            next = Some(AGENT_FLUSH_INTERVAL);
+        }
         // Agent prepare steps that got no answer: fall back to ACPI.
         for i in 0..self.removals.len() {
             let Some(Removal::Preparing(asked)) = self.removals[i] else {
@@ -387,6 +450,7 @@ impl Hotplug {
                 self.abort_remove(id, &e);
             }
         }
+        self.pump_prepares(now);
         let states = self.cpus.states();
         for (i, started) in self.deadlines.clone().into_iter().enumerate() {
             let Some(started) = started else { continue };

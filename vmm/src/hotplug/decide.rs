@@ -16,6 +16,9 @@ use crate::control::Plan;
 /// Where a vCPU's removal stands with the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Removal {
+    /// Waiting for its turn with the agent: the agent prepares one CPU at a
+    /// time (Linux offlines them one at a time anyway).
+    Queued,
     /// Reserved, but the guest was never told (the `ignore_removal` hook).
     Withheld,
     /// The agent was asked to prepare the CPU (park its workers, offline
@@ -51,7 +54,7 @@ pub(super) fn first_route(agent_connected: bool, withhold: bool) -> Route {
 /// `None` while the agent is preparing it (its answer is awaited).
 pub(super) fn resend_route(phase: Option<Removal>, agent_connected: bool) -> Option<Route> {
     match phase {
-        Some(Removal::Preparing(_)) => None,
+        Some(Removal::Preparing(_) | Removal::Queued) => None,
         // The guest never heard of it: the whole request, as a new one.
         Some(Removal::Withheld) | None => Some(first_route(agent_connected, false)),
         // The agent (if any) already prepared it: the eject again.
@@ -230,6 +233,7 @@ mod tests {
         let now = Instant::now();
         assert_eq!(resend_route(Some(Removal::Preparing(now)), true), None);
         assert_eq!(resend_route(Some(Removal::Preparing(now)), false), None);
+        assert_eq!(resend_route(Some(Removal::Queued), true), None);
         // A withheld removal is sent for real: via the agent when connected.
         assert_eq!(
             resend_route(Some(Removal::Withheld), true),
