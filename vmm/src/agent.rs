@@ -16,7 +16,9 @@ use api::agent::{decode, encode, GuestMessage, HostMessage, Line, LineDecoder, W
 use crate::events::{EventSender, VmEvent};
 
 /// How long without any message before the agent counts as disconnected.
-pub const AGENT_SILENCE_LIMIT: Duration = Duration::from_millis(3500);
+/// An agent blocked in a CPU offline while the guest kernel is busy with
+/// hotplug work cannot send its heartbeat; this leaves it room for that.
+pub const AGENT_SILENCE_LIMIT: Duration = Duration::from_secs(6);
 /// Host-to-guest bytes kept while the guest is not reading ttyS1; past
 /// this, new messages are refused (the agent is not listening).
 pub const OUTBOX_LIMIT: usize = 4096;

@@ -36,7 +36,7 @@ pub const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const ADD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent has to prepare a removal before the VMM falls back
 /// to the plain ACPI eject.
-pub const AGENT_PREPARE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const AGENT_PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How soon to retry pushing host messages the guest's UART FIFO could not
 /// take yet.
 pub const AGENT_FLUSH_INTERVAL: Duration = Duration::from_millis(2);
@@ -151,6 +151,7 @@ impl Hotplug {
                     self.abort_remove(id, &e);
                 }
             }
+            self.eject_prepared();
             return;
         }
         if busy {
@@ -161,8 +162,25 @@ impl Hotplug {
             .rev()
             .find(|&i| queued(&self.removals[i]))
             .and_then(|i| u32::try_from(i).ok());
-        if let Some(id) = next {
-            if let Err(e) = self.tell_guest(id, Route::Agent, now) {
+        match next {
+            Some(id) => {
+                if let Err(e) = self.tell_guest(id, Route::Agent, now) {
+                    self.abort_remove(id, &e);
+                }
+            }
+            None => self.eject_prepared(),
+        }
+    }
+
+    /// Ejects every vCPU the agent has prepared, together: one scan in the
+    /// guest removes them all.
+    fn eject_prepared(&mut self) {
+        let prepared: Vec<u32> = (0..self.removals.len())
+            .filter(|&i| self.removals[i] == Some(Removal::Prepared))
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        for id in prepared {
+            if let Err(e) = self.eject(id) {
                 self.abort_remove(id, &e);
             }
         }
@@ -315,9 +333,8 @@ impl Hotplug {
             return;
         }
         if ok {
-            if let Err(e) = self.eject(cpu) {
-                self.abort_remove(cpu, &e);
-            }
+            // Ejected once no other prepare is pending (`pump_prepares`).
+            self.set_removal(cpu, Some(Removal::Prepared));
         } else {
             let reason = reason.unwrap_or_else(|| "no reason given".into());
             self.abort_remove(

@@ -24,6 +24,10 @@ pub(super) enum Removal {
     /// The agent was asked to prepare the CPU (park its workers, offline
     /// it) at this time; the ACPI eject follows its answer.
     Preparing(Instant),
+    /// The agent prepared it (workers parked, CPU offline); its ACPI eject
+    /// waits until no other prepare is pending, so that the guest's eject
+    /// work never contends with the agent's next offline.
+    Prepared,
     /// The ACPI eject was requested.
     Ejecting,
 }
@@ -54,7 +58,7 @@ pub(super) fn first_route(agent_connected: bool, withhold: bool) -> Route {
 /// `None` while the agent is preparing it (its answer is awaited).
 pub(super) fn resend_route(phase: Option<Removal>, agent_connected: bool) -> Option<Route> {
     match phase {
-        Some(Removal::Preparing(_) | Removal::Queued) => None,
+        Some(Removal::Preparing(_) | Removal::Queued | Removal::Prepared) => None,
         // The guest never heard of it: the whole request, as a new one.
         Some(Removal::Withheld) | None => Some(first_route(agent_connected, false)),
         // The agent (if any) already prepared it: the eject again.
