@@ -355,7 +355,7 @@ impl CpuManager {
                 Ok(())
             }
             Err((handle, e)) => {
-                self.slot_mut(id)?.running = Some(*handle);
+                self.slot_mut(id)?.running = handle.map(|h| *h);
                 Err(e.into())
             }
         }

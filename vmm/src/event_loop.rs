@@ -10,8 +10,6 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
-use std::sync::Arc as StdArc;
-
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api_server::{self, ApiMetrics, ApiServerHandle, ServerOptions};
@@ -150,7 +148,7 @@ impl Vmm {
                     test_hooks: cfg.test_hooks,
                     ..ServerOptions::default()
                 };
-                let metrics = StdArc::new(ApiMetrics::default());
+                let metrics = Arc::new(ApiMetrics::default());
                 let handle = api_server::start_with(path, control_tx, metrics, options)?;
                 Some(handle)
             }

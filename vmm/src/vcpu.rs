@@ -235,7 +235,7 @@ pub struct VcpuHandle {
     id: u32,
     control: Arc<Control>,
     immediate_exit: ImmediateExit,
-    thread: JoinHandle<Option<Vcpu>>,
+    thread: JoinHandle<Vcpu>,
     done: Receiver<()>,
 }
 
@@ -265,29 +265,18 @@ impl VcpuHandle {
     }
 
     /// Stops the thread and joins it within `timeout`, returning the vCPU
-    /// for reuse. On timeout the handle comes back with the error.
-    pub fn stop(self, timeout: Duration) -> Result<Vcpu, (Box<VcpuHandle>, VcpuError)> {
+    /// for reuse. On timeout the handle comes back with the error (the
+    /// caller may try again); if the thread ended without its vCPU there is
+    /// no handle left to return.
+    pub fn stop(self, timeout: Duration) -> Result<Vcpu, (Option<Box<VcpuHandle>>, VcpuError)> {
         self.request_stop();
-        match self.done.recv_timeout(timeout) {
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
-            Err(RecvTimeoutError::Timeout) => {
-                let id = self.id;
-                return Err((Box::new(self), VcpuError::JoinTimeout(id, timeout)));
-            }
-        }
         let id = self.id;
+        if let Err(RecvTimeoutError::Timeout) = self.done.recv_timeout(timeout) {
+            return Err((Some(Box::new(self)), VcpuError::JoinTimeout(id, timeout)));
+        }
         match self.thread.join() {
-            Ok(Some(vcpu)) => Ok(vcpu),
-            Ok(None) | Err(_) => Err((
-                Box::new(VcpuHandle {
-                    id,
-                    control: self.control,
-                    immediate_exit: self.immediate_exit,
-                    thread: std::thread::spawn(|| None),
-                    done: self.done,
-                }),
-                VcpuError::Lost(id),
-            )),
+            Ok(vcpu) => Ok(vcpu),
+            Err(_) => Err((None, VcpuError::Lost(id))),
         }
     }
 }
@@ -308,8 +297,8 @@ enum Next {
 }
 
 /// The vCPU thread body: run until asked to stop or the VM ends. Returns
-/// the vCPU for reuse (None only if it could not be recovered).
-fn run_vcpu(mut vcpu: Vcpu, ctx: &VcpuContext, control: &Control) -> Option<Vcpu> {
+/// the vCPU for reuse (a panic while handling an exit is caught and reported).
+fn run_vcpu(mut vcpu: Vcpu, ctx: &VcpuContext, control: &Control) -> Vcpu {
     control
         .state
         .store(VcpuState::Running as u8, Ordering::Release);
@@ -330,7 +319,7 @@ fn run_vcpu(mut vcpu: Vcpu, ctx: &VcpuContext, control: &Control) -> Option<Vcpu
     control
         .state
         .store(VcpuState::Stopped as u8, Ordering::Release);
-    Some(vcpu)
+    vcpu
 }
 
 /// One KVM_RUN and the handling of its exit.

@@ -35,8 +35,6 @@
 use log::{debug, info, warn};
 use thiserror::Error;
 
-use super::BusDevice;
-
 /// Offset of the 32-bit selector register.
 pub const SELECTOR_OFFSET: u64 = 0;
 /// Offset of the 8-bit status (read) / control (write) register.
@@ -341,53 +339,6 @@ impl CpuHotplugController {
         slot.removal = Removal::Ejected;
         info!("cpu hotplug: guest ejected vCPU {id}");
         Some(HotplugAction::Eject(id))
-    }
-}
-
-/// [`CpuHotplugController`] on the bus: actions go to `on_action`, which
-/// runs under the device mutex (queue the action, do not block).
-pub struct CpuHotplugBus<F> {
-    controller: CpuHotplugController,
-    on_action: F,
-}
-
-impl<F> std::fmt::Debug for CpuHotplugBus<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuHotplugBus")
-            .field("controller", &self.controller)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<F: FnMut(HotplugAction) + Send> CpuHotplugBus<F> {
-    /// Wraps `controller`; `on_action` receives every action.
-    pub fn new(controller: CpuHotplugController, on_action: F) -> Self {
-        Self {
-            controller,
-            on_action,
-        }
-    }
-
-    /// The wrapped controller.
-    pub fn controller(&self) -> &CpuHotplugController {
-        &self.controller
-    }
-
-    /// The wrapped controller, for the owner's API.
-    pub fn controller_mut(&mut self) -> &mut CpuHotplugController {
-        &mut self.controller
-    }
-}
-
-impl<F: FnMut(HotplugAction) + Send> BusDevice for CpuHotplugBus<F> {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.controller.read(offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if let Some(action) = self.controller.write(offset, data) {
-            (self.on_action)(action);
-        }
     }
 }
 
@@ -724,21 +675,5 @@ mod tests {
         c.begin_remove(1).unwrap();
         assert_eq!(guest_scan(&mut c), vec![(1, 1), (1, 3)]);
         assert_eq!(guest_ej0(&mut c, 1), Some(HotplugAction::Eject(1)));
-    }
-
-    #[test]
-    fn bus_wrapper_forwards_actions() {
-        use std::sync::mpsc;
-        let (tx, rx) = mpsc::channel();
-        let mut bus = CpuHotplugBus::new(booted(2, 2), move |a| tx.send(a).unwrap());
-        bus.controller_mut().begin_remove(1).unwrap();
-        BusDevice::write(&mut bus, SELECTOR_OFFSET, &1u32.to_le_bytes());
-        let mut d = [0u8];
-        BusDevice::read(&mut bus, STATUS_OFFSET, &mut d);
-        assert_eq!(d[0], STATUS_ENABLED | STATUS_REMOVING);
-        BusDevice::write(&mut bus, STATUS_OFFSET, &[CONTROL_EJECT]);
-        assert_eq!(rx.try_recv(), Ok(HotplugAction::Eject(1)));
-        assert!(rx.try_recv().is_err());
-        assert!(!bus.controller().is_present(1));
     }
 }

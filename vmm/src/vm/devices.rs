@@ -17,7 +17,7 @@ use crate::config::SerialOutput;
 use crate::devices::cmos::Cmos;
 use crate::devices::cpu_hotplug::{CpuHotplugController, HotplugAction, STATUS_OFFSET};
 use crate::devices::ged::{Ged, EVENT_CPU_HOTPLUG};
-use crate::devices::power::{AcpiPowerDevice, I8042Reset, PowerAction, PowerRegisters};
+use crate::devices::power::{AcpiPowerDevice, I8042Reset, PowerAction, PowerBus, PowerRegisters};
 use crate::devices::serial::SerialDevice;
 use crate::devices::BusDevice;
 use crate::events::{EventSender, VmEvent};
@@ -41,23 +41,17 @@ pub enum DevicesError {
 }
 
 /// A power-register model on the bus; its actions become VM events.
-struct PowerAdapter<D> {
+fn power_device<D: PowerRegisters + Send + 'static>(
     model: D,
-    events: EventSender,
-}
-
-impl<D: PowerRegisters + Send> BusDevice for PowerAdapter<D> {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.model.read(offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        match self.model.write(offset, data) {
-            Some(PowerAction::PowerOff) => self.events.send(VmEvent::PowerOff),
-            Some(PowerAction::Reset) => self.events.send(VmEvent::Reset),
-            None => {}
-        }
-    }
+    events: &EventSender,
+) -> Arc<Mutex<dyn BusDevice>> {
+    let events = events.clone();
+    Arc::new(Mutex::new(PowerBus::new(model, move |action| {
+        events.send(match action {
+            PowerAction::PowerOff => VmEvent::PowerOff,
+            PowerAction::Reset => VmEvent::Reset,
+        })
+    })))
 }
 
 /// The CPU hotplug register block on the bus: ejects and insert
@@ -187,20 +181,16 @@ impl Devices {
         )));
         pio.insert(u64::from(layout::COM2_PORT), 8, agent_uart.clone())?;
 
-        let power = Arc::new(Mutex::new(PowerAdapter {
-            model: AcpiPowerDevice::new(),
-            events: events.clone(),
-        }));
         pio.insert(
             u64::from(crate::devices::power::POWER_PORT_BASE),
             u64::from(crate::devices::power::POWER_PORT_LEN),
-            power,
+            power_device(AcpiPowerDevice::new(), events),
         )?;
-        let i8042 = Arc::new(Mutex::new(PowerAdapter {
-            model: I8042Reset::new(),
-            events: events.clone(),
-        }));
-        pio.insert(0x64, 1, i8042)?;
+        pio.insert(
+            u64::from(layout::I8042_COMMAND_PORT),
+            1,
+            power_device(I8042Reset::new(), events),
+        )?;
         pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::with_system_clock())))?;
 
         let hotplug = Arc::new(Mutex::new(HotplugAdapter {
