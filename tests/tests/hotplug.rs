@@ -109,8 +109,24 @@ fn present(client: &BlockingClient) -> TestResult<BTreeSet<u32>> {
         .collect())
 }
 
+/// Runs a mutation; if the HTTP exchange itself broke (not an API answer),
+/// asks once more and says so: mutations are idempotent, so the repeat
+/// returns the same operation.
+fn mutate(
+    what: &str,
+    call: impl Fn() -> Result<MutationOutcome, ClientError>,
+) -> Result<MutationOutcome, ClientError> {
+    match call() {
+        Err(e @ (ClientError::Http(_) | ClientError::Connect { .. })) => {
+            println!("E2E-RETRY {what}: transport error: {}", e2e::chain(&e));
+            call()
+        }
+        other => other,
+    }
+}
+
 fn succeeded(what: &str, r: Result<MutationOutcome, ClientError>) -> TestResult<u64> {
-    let outcome = r.map_err(|e| format!("{what}: {e}"))?;
+    let outcome = r.map_err(|e| format!("{what}: {}", e2e::chain(&e)))?;
     let op = outcome.operation();
     if op.status != OperationStatus::Succeeded {
         return Err(format!("{what}: operation ended {op:?}").into());
@@ -179,17 +195,26 @@ fn lifecycle(vm: &mut RunningVm) -> TestResult {
     wait_guest_online(vm, &set([0]))?;
     assert_eq!(present(&client)?, set([0]));
 
-    succeeded("resize 1->4", client.resize(4, Some(WAIT)))?;
+    succeeded(
+        "resize 1->4",
+        mutate("resize 1->4", || client.resize(4, Some(WAIT))),
+    )?;
     assert_eq!(present(&client)?, set(0..4));
     wait_guest_online(vm, &set(0..4))?;
     let fds_after_first_adds = metric(&client, "vmm_vcpu_fds_created_total")?;
 
-    succeeded("remove 3", client.remove_vcpu(3, Some(WAIT)))?;
+    succeeded(
+        "remove 3",
+        mutate("remove 3", || client.remove_vcpu(3, Some(WAIT))),
+    )?;
     assert_eq!(present(&client)?, set(0..3));
     wait_guest_online(vm, &set(0..3))?;
     assert!(metric(&client, "vmm_vcpu_hot_removes_total")? >= 1);
 
-    succeeded("add 3 again", client.add_vcpu(3, Some(WAIT)))?;
+    succeeded(
+        "add 3 again",
+        mutate("add 3 again", || client.add_vcpu(3, Some(WAIT))),
+    )?;
     wait_guest_online(vm, &set(0..4))?;
     let fds = metric(&client, "vmm_vcpu_fds_created_total")?;
     if fds != fds_after_first_adds {
@@ -199,9 +224,15 @@ fn lifecycle(vm: &mut RunningVm) -> TestResult {
     }
     assert!(metric(&client, "vmm_vcpu_fds_reused_total")? >= 1);
 
-    succeeded("resize 4->8", client.resize(8, Some(WAIT)))?;
+    succeeded(
+        "resize 4->8",
+        mutate("resize 4->8", || client.resize(8, Some(WAIT))),
+    )?;
     wait_guest_online(vm, &set(0..8))?;
-    succeeded("resize 8->1", client.resize(1, Some(WAIT)))?;
+    succeeded(
+        "resize 8->1",
+        mutate("resize 8->1", || client.resize(1, Some(WAIT))),
+    )?;
     assert_eq!(present(&client)?, set([0]));
     wait_guest_online(vm, &set([0]))?;
 
