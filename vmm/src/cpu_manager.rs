@@ -231,6 +231,20 @@ impl CpuManager {
         }
     }
 
+    /// One line per vCPU with a thread: its slot state and thread state,
+    /// for diagnosing a guest that stops answering.
+    pub fn describe_threads(&self) -> String {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let h = s.running.as_ref()?;
+                Some(format!("vCPU {i}: {} thread {:?}", s.state, h.state()))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// Counters.
     pub fn counters(&self) -> CpuCounters {
         self.counters

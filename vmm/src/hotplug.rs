@@ -493,6 +493,10 @@ impl Hotplug {
             } else {
                 self.cpus.cancel_remove(id)
             };
+            log::warn!(
+                "vCPU {id}: the guest did not answer in time; vCPU threads: {}",
+                self.cpus.describe_threads()
+            );
             let mut reason = decide::timeout_reason(adding, limit, withheld);
             if let Err(e) = undo {
                 reason.push_str(&format!(" (and undoing failed: {e})"));
