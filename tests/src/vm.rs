@@ -275,6 +275,10 @@ pub fn launch_emulated_payload(
     })
 }
 
+/// How long a failed scenario waits for the emulated host to show whether
+/// it died under it (its console closes when QEMU ends).
+const HOST_DEATH_GRACE: Duration = Duration::from_secs(5);
+
 /// Launches `spec`, runs `scenario` on it, and retries the whole once if
 /// the emulated host itself failed. On failure the console log goes to
 /// stderr (shown by the test runner).
@@ -299,7 +303,7 @@ pub fn run<T>(
         match scenario(&mut vm) {
             Ok(v) => return Ok(v),
             Err(e) => {
-                let host_failed = vm.host_failure().or_else(|| {
+                let host_failed = vm.host_failure_after(HOST_DEATH_GRACE).or_else(|| {
                     e.downcast_ref::<Error>()
                         .filter(|e| e.is_host_failure())
                         .map(Error::to_string)
@@ -622,6 +626,16 @@ impl RunningVm {
             Backend::Emulated(h) => h.failure(),
             Backend::Direct(_) => None,
         }
+    }
+
+    /// [`Self::host_failure`], after giving a dying emulated host up to
+    /// `grace` to finish dying: a scenario that lost its API connection may
+    /// notice before the host's console has closed.
+    pub fn host_failure_after(&self, grace: Duration) -> Option<String> {
+        if let Backend::Emulated(h) = &self.backend {
+            h.console().wait_closed(grace);
+        }
+        self.host_failure()
     }
 
     /// The VMM's exit status (128+signal if killed) once it has exited;
