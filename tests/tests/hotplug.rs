@@ -379,6 +379,54 @@ fn vcpu_hotplug_lifecycle() {
     }
 }
 
+/// Whole-VM resizes back to back, as a user scaling a guest up and down
+/// would do: 1 -> 8 -> 1 repeatedly in one boot, the shrink starting the
+/// moment the growth is confirmed (the just-onlined CPUs are the first to
+/// be taken down). `E2E_CHURN_CYCLES` sets the number of cycles (default 4).
+fn churn(vm: &mut RunningVm) -> TestResult {
+    vm.wait_for_console("GUEST-READY", Duration::from_secs(180))?;
+    let client = BlockingClient::new(vm.api_socket())?;
+    wait_guest_online(vm, &set([0]))?;
+    let cycles: u32 = std::env::var("E2E_CHURN_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let mut fds_after_first = None;
+    for cycle in 1..=cycles {
+        let up = format!("cycle {cycle}: resize 1->8");
+        succeeded(&up, mutate(&up, || client.resize(8, Some(WAIT))))?;
+        let down = format!("cycle {cycle}: resize 8->1");
+        succeeded(&down, mutate(&down, || client.resize(1, Some(WAIT))))?;
+        assert_eq!(present(&client)?, set([0]));
+        wait_guest_online(vm, &set([0]))?;
+        let created = metric(&client, "vmm_vcpu_fds_created_total")?;
+        // Later cycles reuse the fds the first one created.
+        if *fds_after_first.get_or_insert(created) != created {
+            return Err(format!(
+                "cycle {cycle} created new vCPU fds: {fds_after_first:?} -> {created}"
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn vcpu_resize_churn() {
+    let spec = e2e::VmSpec::new(1, 8).timeout(Duration::from_secs(900));
+    let start = Instant::now();
+    match e2e::run(&spec, churn) {
+        Ok(()) => println!(
+            "E2E-TIME test=vcpu_resize_churn ms={}",
+            start.elapsed().as_millis()
+        ),
+        Err(e) => match e.skip_reason() {
+            Some(why) => skip(&why),
+            None => panic!("resize churn failed: {e}\n{}", e2e_log(&e)),
+        },
+    }
+}
+
 fn e2e_log(e: &e2e::Error) -> String {
     format!("{e:?}")
 }

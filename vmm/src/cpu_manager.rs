@@ -239,10 +239,18 @@ impl CpuManager {
             .enumerate()
             .filter_map(|(i, s)| {
                 let h = s.running.as_ref()?;
-                Some(format!("vCPU {i}: {} thread {:?}", s.state, h.state()))
+                Some(format!("vCPU {i}: {} thread {}", s.state, h.activity()))
             })
             .collect::<Vec<_>>()
             .join("; ")
+    }
+
+    /// Asks every running vCPU thread to log its guest state (registers,
+    /// MP state, pending interrupts) at once; the guest runs on.
+    pub fn request_dumps(&self) {
+        for h in self.slots.iter().filter_map(|s| s.running.as_ref()) {
+            h.request_dump();
+        }
     }
 
     /// Counters.

@@ -463,6 +463,7 @@ impl Hotplug {
                 id,
                 "the guest agent did not answer the prepare request; used the plain ACPI eject",
             );
+            self.diagnose(id, "the guest agent did not answer its prepare request");
             if let Err(e) = self.eject(id) {
                 self.abort_remove(id, &e);
             }
@@ -493,10 +494,7 @@ impl Hotplug {
             } else {
                 self.cpus.cancel_remove(id)
             };
-            log::warn!(
-                "vCPU {id}: the guest did not answer in time; vCPU threads: {}",
-                self.cpus.describe_threads()
-            );
+            self.diagnose(id, "the guest did not answer in time");
             let mut reason = decide::timeout_reason(adding, limit, withheld);
             if let Err(e) = undo {
                 reason.push_str(&format!(" (and undoing failed: {e})"));
@@ -504,6 +502,16 @@ impl Hotplug {
             self.fail(id, &reason);
         }
         next
+    }
+
+    /// Logs what every vCPU thread is doing and asks each for its guest
+    /// state, so a guest that stopped answering can be diagnosed from the log.
+    fn diagnose(&self, id: u32, what: &str) {
+        log::warn!(
+            "vCPU {id}: {what}; vCPU threads: {}",
+            self.cpus.describe_threads()
+        );
+        self.cpus.request_dumps();
     }
 
     /// The VM is going down: every running operation fails.

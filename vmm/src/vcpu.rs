@@ -20,7 +20,7 @@
 
 use std::os::raw::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -145,7 +145,10 @@ impl Vcpu {
         let id = self.id;
         let control = Arc::new(Control {
             stop: AtomicBool::new(false),
+            dump: AtomicBool::new(false),
             state: AtomicU8::new(VcpuState::Created as u8),
+            exits: AtomicU64::new(0),
+            handling: AtomicU64::new(0),
         });
         let immediate_exit = ImmediateExit::of(&mut self.fd);
         let (done_tx, done_rx) = mpsc::channel();
@@ -193,7 +196,75 @@ pub enum VcpuState {
 #[derive(Debug)]
 struct Control {
     stop: AtomicBool,
+    /// Asks the thread to log its registers at its next exit.
+    dump: AtomicBool,
     state: AtomicU8,
+    /// Exits handled so far.
+    exits: AtomicU64,
+    /// The exit being handled outside KVM_RUN: 0 = none, else
+    /// [`Handling::encode`].
+    handling: AtomicU64,
+}
+
+/// What a vCPU thread is doing outside KVM_RUN, packed into one atomic so
+/// a diagnosis can read it without stopping the thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handling {
+    /// A port-I/O read or write of this port.
+    Pio(u16),
+    /// An MMIO read or write of this address.
+    Mmio(u64),
+}
+
+impl Handling {
+    const PIO: u64 = 1 << 62;
+    const MMIO: u64 = 2 << 62;
+    const ADDR: u64 = (1 << 62) - 1;
+
+    fn encode(self) -> u64 {
+        match self {
+            Self::Pio(port) => Self::PIO | u64::from(port),
+            Self::Mmio(addr) => Self::MMIO | (addr & Self::ADDR),
+        }
+    }
+
+    fn decode(v: u64) -> Option<Self> {
+        match v & !Self::ADDR {
+            Self::PIO => u16::try_from(v & Self::ADDR).ok().map(Self::Pio),
+            Self::MMIO => Some(Self::Mmio(v & Self::ADDR)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Handling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pio(port) => write!(f, "port {port:#x}"),
+            Self::Mmio(addr) => write!(f, "MMIO {addr:#x}"),
+        }
+    }
+}
+
+/// A vCPU thread's activity, readable while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Activity {
+    /// The thread's state.
+    pub state: VcpuState,
+    /// Exits handled so far.
+    pub exits: u64,
+    /// The device access being handled, if the thread is outside KVM_RUN in one.
+    pub handling: Option<Handling>,
+}
+
+impl std::fmt::Display for Activity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}, {} exits", self.state, self.exits)?;
+        if let Some(h) = self.handling {
+            write!(f, ", handling {h}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Pointer to the `immediate_exit` byte of a vCPU's `kvm_run` mapping.
@@ -254,9 +325,31 @@ impl VcpuHandle {
         }
     }
 
+    /// The thread's activity: state, exits handled, device access in progress.
+    pub fn activity(&self) -> Activity {
+        Activity {
+            state: self.state(),
+            exits: self.control.exits.load(Ordering::Relaxed),
+            handling: Handling::decode(self.control.handling.load(Ordering::Relaxed)),
+        }
+    }
+
     /// Asks the thread to stop and kicks it out of KVM_RUN. Returns at once.
     pub fn request_stop(&self) {
         self.control.stop.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    /// Asks the thread to log the guest's registers, MP state and pending
+    /// interrupts the next time it is out of KVM_RUN, and kicks it out.
+    /// Diagnosis only: the guest runs on afterwards. A thread stuck outside
+    /// KVM_RUN (in a device) logs nothing; [`Self::activity`] shows where.
+    pub fn request_dump(&self) {
+        self.control.dump.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    fn kick(&self) {
         self.immediate_exit.set(1);
         if self.state() != VcpuState::Stopped {
             // The thread may have just exited: ESRCH is fine.
@@ -305,7 +398,7 @@ fn run_vcpu(mut vcpu: Vcpu, ctx: &VcpuContext, control: &Control) -> Vcpu {
     let id = vcpu.id;
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         while !control.stop.load(Ordering::Acquire) {
-            if let Next::Stop = run_once(&mut vcpu, ctx) {
+            if let Next::Stop = run_once(&mut vcpu, ctx, control) {
                 break;
             }
         }
@@ -322,34 +415,51 @@ fn run_vcpu(mut vcpu: Vcpu, ctx: &VcpuContext, control: &Control) -> Vcpu {
     vcpu
 }
 
+/// Marks a device access in progress for [`VcpuHandle::activity`].
+fn handling<R>(control: &Control, what: Handling, access: impl FnOnce() -> R) -> R {
+    control.handling.store(what.encode(), Ordering::Relaxed);
+    let r = access();
+    control.handling.store(0, Ordering::Relaxed);
+    r
+}
+
 /// One KVM_RUN and the handling of its exit.
-fn run_once(vcpu: &mut Vcpu, ctx: &VcpuContext) -> Next {
+fn run_once(vcpu: &mut Vcpu, ctx: &VcpuContext, control: &Control) -> Next {
     let id = vcpu.id;
     let fail = |reason: String| {
         ctx.events.send(VmEvent::Failed { vcpu: id, reason });
         Next::Stop
     };
-    match vcpu.fd.run() {
+    let result = vcpu.fd.run();
+    control.exits.fetch_add(1, Ordering::Relaxed);
+    match result {
         Ok(exit) => match exit {
             VcpuExit::IoIn(port, data) => {
-                ctx.pio.read(u64::from(port), data);
+                handling(control, Handling::Pio(port), || {
+                    ctx.pio.read(u64::from(port), data)
+                });
                 Next::Continue
             }
             VcpuExit::IoOut(port, data) => {
-                ctx.pio.write(u64::from(port), data);
+                handling(control, Handling::Pio(port), || {
+                    ctx.pio.write(u64::from(port), data)
+                });
                 Next::Continue
             }
             VcpuExit::MmioRead(addr, data) => {
-                ctx.mmio.read(addr, data);
+                handling(control, Handling::Mmio(addr), || ctx.mmio.read(addr, data));
                 Next::Continue
             }
             VcpuExit::MmioWrite(addr, data) => {
-                ctx.mmio.write(addr, data);
+                handling(control, Handling::Mmio(addr), || ctx.mmio.write(addr, data));
                 Next::Continue
             }
             VcpuExit::Hlt | VcpuExit::Intr => Next::Continue,
             VcpuExit::Shutdown => {
-                log::info!("vCPU {id}: triple fault, the guest resets");
+                log::info!(
+                    "vCPU {id}: triple fault, the guest resets; {}",
+                    describe_guest_state(&vcpu.fd)
+                );
                 ctx.events.send(VmEvent::Reset);
                 Next::Stop
             }
@@ -383,8 +493,113 @@ fn run_once(vcpu: &mut Vcpu, ctx: &VcpuContext) -> Next {
         },
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
             vcpu.fd.set_kvm_immediate_exit(0);
+            if control.dump.swap(false, Ordering::AcqRel) {
+                log::warn!("vCPU {id}: {}", describe_guest_state(&vcpu.fd));
+            }
             Next::Continue
         }
         Err(e) => fail(format!("KVM_RUN failed: {e}")),
+    }
+}
+
+/// The vectors set in one of the LAPIC's 256-bit registers (ISR, IRR),
+/// eight 32-bit words 16 bytes apart from `base`.
+fn lapic_vectors(regs: &[std::os::raw::c_char], base: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    for word in 0..8 {
+        let at = base + word * 16;
+        let Some(bytes) = regs.get(at..at + 4) else {
+            break;
+        };
+        let v = u32::from_le_bytes([
+            bytes[0] as u8,
+            bytes[1] as u8,
+            bytes[2] as u8,
+            bytes[3] as u8,
+        ]);
+        out.extend((0..32).filter(|b| v & (1 << b) != 0).map(|b| word * 32 + b));
+    }
+    out
+}
+
+/// One line of a stopped-in-place vCPU's state, for diagnosing a guest CPU
+/// that stopped answering: where it is, whether it can take interrupts,
+/// which are pending.
+fn describe_guest_state(fd: &VcpuFd) -> String {
+    let mut parts = Vec::new();
+    match fd.get_regs() {
+        Ok(r) => parts.push(format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} (IF={})",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            (r.rflags >> 9) & 1
+        )),
+        Err(e) => parts.push(format!("registers: {e}")),
+    }
+    match fd.get_sregs() {
+        Ok(s) => parts.push(format!(
+            "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} idt={:#x}/{:#x} gdt={:#x}/{:#x}",
+            s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.idt.base, s.idt.limit, s.gdt.base, s.gdt.limit
+        )),
+        Err(e) => parts.push(format!("special registers: {e}")),
+    }
+    match fd.get_mp_state() {
+        Ok(m) => parts.push(format!("mp_state={}", m.mp_state)),
+        Err(e) => parts.push(format!("MP state: {e}")),
+    }
+    match fd.get_vcpu_events() {
+        Ok(ev) => parts.push(format!(
+            "exception injected={} nr={} error code={:#x}, interrupt injected={} nr={} shadow={}, nmi pending={} masked={}",
+            ev.exception.injected,
+            ev.exception.nr,
+            ev.exception.error_code,
+            ev.interrupt.injected,
+            ev.interrupt.nr,
+            ev.interrupt.shadow,
+            ev.nmi.pending,
+            ev.nmi.masked
+        )),
+        Err(e) => parts.push(format!("events: {e}")),
+    }
+    match fd.get_lapic() {
+        Ok(l) => parts.push(format!(
+            "LAPIC TPR={:#x} ISR={:?} IRR={:?}",
+            l.regs.get(0x80).map_or(0, |b| *b as u8),
+            lapic_vectors(&l.regs, 0x100),
+            lapic_vectors(&l.regs, 0x200)
+        )),
+        Err(e) => parts.push(format!("LAPIC: {e}")),
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handling_round_trips_through_its_atomic_encoding() {
+        for h in [
+            Handling::Pio(0),
+            Handling::Pio(0x3f8),
+            Handling::Pio(u16::MAX),
+            Handling::Mmio(0xfed0_0000),
+            Handling::Mmio(0),
+        ] {
+            assert_eq!(Handling::decode(h.encode()), Some(h));
+        }
+        assert_eq!(Handling::decode(0), None);
+        assert_eq!(Handling::Pio(0x2f8).to_string(), "port 0x2f8");
+    }
+
+    #[test]
+    fn lapic_vectors_reads_each_32_bit_word() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        regs[0x200] = 1; // IRR vector 0
+        regs[0x200 + 16] = 0b10; // vector 33
+        regs[0x200 + 7 * 16 + 3] = 0x80_u8 as std::os::raw::c_char; // vector 255
+        assert_eq!(lapic_vectors(&regs, 0x200), vec![0, 33, 255]);
+        assert!(lapic_vectors(&regs, 0x100).is_empty());
     }
 }
