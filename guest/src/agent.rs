@@ -155,9 +155,24 @@ fn uptime() -> Option<String> {
     text.split_whitespace().next().map(str::to_owned)
 }
 
-/// `GUEST-TRACE up=<uptime> <what>`.
+/// Seconds since boot (CLOCK_BOOTTIME, the clock behind /proc/uptime) to
+/// the microsecond: trace lines time steps of a few milliseconds.
+fn boottime() -> Option<f64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec for the call's duration.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
+}
+
+/// `GUEST-TRACE up=<seconds since boot, 6 decimals> <what>`.
 fn trace_line(what: &str) -> String {
-    format!("GUEST-TRACE up={} {what}", uptime().unwrap_or_default())
+    match boottime() {
+        Some(up) => format!("GUEST-TRACE up={up:.6} {what}"),
+        None => format!("GUEST-TRACE up={} {what}", uptime().unwrap_or_default()),
+    }
 }
 
 /// The conventional name of the errnos a CPU's `online` file returns.
@@ -360,6 +375,11 @@ impl Agent {
             }
             hp.prepare(cpu).map_err(|e| format!("prepare: {e}"))?;
             // Timed for the benchmarks: the guest's own share of a hot-add.
+            if self.opts.trace {
+                self.out
+                    .console
+                    .push(trace_line(&format!("prepared cpu={cpu}, writing 1")));
+            }
             let t = std::time::Instant::now();
             self.topo
                 .set_online(cpu, true)
@@ -452,6 +472,7 @@ impl Agent {
             online,
             requested,
         });
+        self.trace(&format!("reporting cpu={cpu} online={online}"));
         if !self.opts.quiet {
             let mut line = format!("GUEST-CPU online={}", self.reported);
             if !online && !requested {

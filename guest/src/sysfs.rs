@@ -262,7 +262,14 @@ impl Sysfs {
         let path = self.online_file(cpu);
         match std::fs::read_to_string(&path) {
             Ok(s) => Ok(s.trim() == "1"),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(self.online()?.contains(cpu)),
+            // Gone, or going (a file of a device being removed reads
+            // ENODEV): the kernel's online mask still answers.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENODEV) =>
+            {
+                Ok(self.online()?.contains(cpu))
+            }
             Err(source) => Err(SysfsError::Read { path, source }),
         }
     }

@@ -408,6 +408,21 @@ fn churn(vm: &mut RunningVm) -> TestResult {
             .into());
         }
     }
+    // What the VMM and the guest kernel complained about on the way, if
+    // anything (slow steps are diagnosed from these).
+    for line in vm
+        .console()
+        .lines()
+        .iter()
+        .filter(|l| !l.text.starts_with("host:"))
+    {
+        if ["WARN", "rcu:", "triple fault", "GUEST-ERROR"]
+            .iter()
+            .any(|w| line.text.contains(w))
+        {
+            println!("E2E-NOTE {}", line.text);
+        }
+    }
     Ok(())
 }
 

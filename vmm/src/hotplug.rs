@@ -235,6 +235,7 @@ impl Hotplug {
         }
         if route == Route::Agent {
             if self.send_agent(&HostMessage::PrepareRemove { cpu: id }) {
+                log::debug!("vCPU {id}: asked the agent to prepare its removal");
                 self.set_removal(id, Some(Removal::Preparing(now)));
                 return Ok(());
             }
@@ -327,6 +328,7 @@ impl Hotplug {
     }
 
     fn on_prepared(&mut self, cpu: u32, ok: bool, reason: Option<String>) {
+        log::debug!("agent: CPU {cpu} prepared for removal: ok={ok} {reason:?}");
         let phase = self.removals.get(cpu as usize).copied().flatten();
         if !matches!(phase, Some(Removal::Preparing(_))) {
             log::warn!("agent: unexpected prepared answer for CPU {cpu}");
@@ -425,6 +427,7 @@ impl Hotplug {
 
     /// The guest's ACPI scan acknowledged inserting `id`.
     pub fn on_insert_acked(&mut self, id: u32) {
+        log::debug!("vCPU {id}: the guest's ACPI scan acknowledged the insert");
         if !self.agent.connected() && self.cpus.confirm_add(id) {
             self.done(id);
         }
