@@ -502,6 +502,7 @@ impl Agent {
                 Err(e) => answer(false, Some(e.to_string())),
             };
         }
+        self.trace(&format!("prepare_remove cpu={cpu}"));
         let refuse = self.refuse.remove(&cpu);
         let work = Arc::clone(self.workers.workload());
         work.set_online(cpu, false);
@@ -523,6 +524,7 @@ impl Agent {
             Ok(())
         })();
         self.workers_dirty = true;
+        self.trace(&format!("offlined cpu={cpu} ok={}", outcome.is_ok()));
         match outcome {
             Ok(()) => {
                 self.reconcile(cpu, true);
@@ -561,8 +563,15 @@ impl Agent {
             // A silenced agent plays hung: it acts on nothing the VMM asks.
             HostMessage::PrepareRemove { .. } | HostMessage::Snapshot if self.silenced => {}
             HostMessage::PrepareRemove { cpu } => {
+                // The answer goes ahead of the `cpu` report the offline
+                // queued: the VMM's next step waits on the answer alone.
+                let queued = self.out.host.len();
                 let answer = self.prepare_remove(cpu);
                 self.send(answer);
+                if let Some(answer) = self.out.host.pop() {
+                    let at = queued.min(self.out.host.len());
+                    self.out.host.insert(at, answer);
+                }
             }
             HostMessage::Snapshot => self.send_workers(true, Instant::now()),
             HostMessage::Poweroff => return Some(Exit::PowerOff("reason=host".into())),

@@ -238,9 +238,10 @@ fn prepare_remove_parks_then_offlines_and_a_re_add_reuses_the_threads() {
         .map(|n| r.thread(n, 2).serial)
         .into();
     let out = r.host(HostMessage::PrepareRemove { cpu: 2 });
+    // The answer first: the VMM's next step waits on it alone.
     assert_eq!(
         out.host,
-        [cpu_msg(2, false, true), prepared(2, true, None)],
+        [prepared(2, true, None), cpu_msg(2, false, true)],
         "{out:?}"
     );
     assert_eq!(out.console, ["GUEST-CPU online=0-1"]);
@@ -320,7 +321,7 @@ fn refuse_offline_fault_parks_rolls_back_once() {
     eventually("unparked", || r.thread(WATCHDOG, 2).calls.unpark == 1);
     // One-shot: the next one goes through.
     let out = r.host(HostMessage::PrepareRemove { cpu: 2 });
-    assert_eq!(out.host, [cpu_msg(2, false, true), prepared(2, true, None)]);
+    assert_eq!(out.host, [prepared(2, true, None), cpu_msg(2, false, true)]);
 }
 
 #[test]

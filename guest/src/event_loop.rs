@@ -123,6 +123,9 @@ fn flush(channel: &mut Option<Channel>) {
 }
 
 /// Reads the VMM's lines; `Some` if one asks the agent to stop.
+/// Each line's answer goes out before the next line is acted on: the VMM
+/// may have sent several prepare requests, each offline takes a while, and
+/// the VMM times every answer.
 fn receive(agent: &mut Agent, channel: &mut Option<Channel>) -> Option<Exit> {
     let ch = channel.as_mut()?;
     match ch.read_lines() {
@@ -131,6 +134,7 @@ fn receive(agent: &mut Agent, channel: &mut Option<Channel>) -> Option<Exit> {
                 if let Some(exit) = agent.on_host_line(line) {
                     return Some(exit);
                 }
+                drain(agent, channel);
             }
             if incoming.closed {
                 say("GUEST-ERROR channel closed");

@@ -303,11 +303,14 @@ pub fn run<T>(
         match scenario(&mut vm) {
             Ok(v) => return Ok(v),
             Err(e) => {
-                let host_failed = vm.host_failure_after(HOST_DEATH_GRACE).or_else(|| {
-                    e.downcast_ref::<Error>()
-                        .filter(|e| e.is_host_failure())
-                        .map(Error::to_string)
-                });
+                let host_failed = vm
+                    .host_failure_after(HOST_DEATH_GRACE)
+                    .or_else(|| {
+                        e.downcast_ref::<Error>()
+                            .filter(|e| e.is_host_failure())
+                            .map(Error::to_string)
+                    })
+                    .or_else(|| vm.nested_guest_failure());
                 if let (Some(f), None) = (host_failed, &retried) {
                     eprintln!(
                         "--- console log of the failed attempt ---\n{}--- end ---",
@@ -624,6 +627,27 @@ impl RunningVm {
     pub fn host_failure(&self) -> Option<String> {
         match &self.backend {
             Backend::Emulated(h) => h.failure(),
+            Backend::Direct(_) => None,
+        }
+    }
+
+    /// In the emulated host only: the nested guest's kernel failed in a way
+    /// the nested virtualization causes (see
+    /// [`crate::job::nested_guest_failure`]), with the line that shows it.
+    pub fn nested_guest_failure(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Emulated(_) => self
+                .console
+                .lines()
+                .iter()
+                .find(|l| crate::job::nested_guest_failure(&l.text).is_some())
+                .map(|l| {
+                    format!(
+                        "the nested guest failed as it does under this emulated host's nested \
+                         virtualization (QEMU too): {}",
+                        l.text
+                    )
+                }),
             Backend::Direct(_) => None,
         }
     }

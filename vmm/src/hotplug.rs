@@ -37,6 +37,11 @@ pub const ADD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent has to prepare a removal before the VMM falls back
 /// to the plain ACPI eject.
 pub const AGENT_PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many removals the agent is asked to prepare at once. It prepares
+/// them one after another (Linux offlines one CPU at a time), but with the
+/// requests already in the guest no round trip separates two offlines; the
+/// bound keeps the requests within the outbox.
+pub const PREPARES_IN_FLIGHT: usize = 8;
 /// How soon to retry pushing host messages the guest's UART FIFO could not
 /// take yet.
 pub const AGENT_FLUSH_INTERVAL: Duration = Duration::from_millis(2);
@@ -79,6 +84,11 @@ pub struct Hotplug {
     snapshot_at: Option<Instant>,
     /// When a snapshot was last asked for.
     snapshot_asked: Option<Instant>,
+    /// When the agent last answered a prepare request: requests sent
+    /// together are answered one after another, so each one's
+    /// [`AGENT_PREPARE_TIMEOUT`] runs from the later of its sending and the
+    /// previous answer.
+    last_prepared: Option<Instant>,
     stopping: bool,
 }
 
@@ -103,6 +113,7 @@ impl Hotplug {
             test_hooks: false,
             snapshot_at: None,
             snapshot_asked: None,
+            last_prepared: None,
             stopping: false,
         }
     }
@@ -130,14 +141,11 @@ impl Hotplug {
         self.agent.flush(|b| lock(&uart).enqueue_input(b));
     }
 
-    /// Hands the next queued removal to the agent when none is being
-    /// prepared: the agent prepares one CPU at a time (each with its own
-    /// [`AGENT_PREPARE_TIMEOUT`]); without an agent the queue is ejected.
+    /// Hands queued removals to the agent, up to [`PREPARES_IN_FLIGHT`]
+    /// at once (highest id first); once none is queued or being prepared,
+    /// ejects the prepared ones together. Without an agent the queue is
+    /// ejected at once.
     fn pump_prepares(&mut self, now: Instant) {
-        let busy = self
-            .removals
-            .iter()
-            .any(|r| matches!(r, Some(Removal::Preparing(_))));
         let queued = |r: &Option<Removal>| *r == Some(Removal::Queued);
         if !self.agent.connected() {
             let waiting: Vec<u32> = (0..self.removals.len())
@@ -154,22 +162,28 @@ impl Hotplug {
             self.eject_prepared();
             return;
         }
-        if busy {
-            return;
-        }
         // Highest id first, as a resize removes them.
-        let next = (0..self.removals.len())
-            .rev()
-            .find(|&i| queued(&self.removals[i]))
-            .and_then(|i| u32::try_from(i).ok());
-        match next {
-            Some(id) => {
-                if let Err(e) = self.tell_guest(id, Route::Agent, now) {
-                    self.abort_remove(id, &e);
-                }
+        while self.preparing() < PREPARES_IN_FLIGHT {
+            let next = (0..self.removals.len())
+                .rev()
+                .find(|&i| queued(&self.removals[i]))
+                .and_then(|i| u32::try_from(i).ok());
+            let Some(id) = next else { break };
+            if let Err(e) = self.tell_guest(id, Route::Agent, now) {
+                self.abort_remove(id, &e);
             }
-            None => self.eject_prepared(),
         }
+        if self.preparing() == 0 && !self.removals.iter().any(queued) {
+            self.eject_prepared();
+        }
+    }
+
+    /// How many removals the agent is preparing.
+    fn preparing(&self) -> usize {
+        self.removals
+            .iter()
+            .filter(|r| matches!(r, Some(Removal::Preparing(_))))
+            .count()
     }
 
     /// Ejects every vCPU the agent has prepared, together: one scan in the
@@ -224,12 +238,11 @@ impl Hotplug {
     /// agent's prepare step for [`Route::Agent`] (the plain eject if the
     /// agent cannot be reached), else the ACPI eject.
     fn tell_guest(&mut self, id: u32, route: Route, now: Instant) -> Result<(), String> {
-        let agent_busy = self
-            .removals
-            .iter()
-            .enumerate()
-            .any(|(i, r)| i != id as usize && matches!(r, Some(Removal::Preparing(_))));
-        if route == Route::Agent && agent_busy {
+        let own = usize::from(matches!(
+            self.removals.get(id as usize),
+            Some(Some(Removal::Preparing(_)))
+        ));
+        if route == Route::Agent && self.preparing() - own >= PREPARES_IN_FLIGHT {
             self.set_removal(id, Some(Removal::Queued));
             return Ok(());
         }
@@ -329,6 +342,7 @@ impl Hotplug {
 
     fn on_prepared(&mut self, cpu: u32, ok: bool, reason: Option<String>) {
         log::debug!("agent: CPU {cpu} prepared for removal: ok={ok} {reason:?}");
+        self.last_prepared = Some(Instant::now());
         let phase = self.removals.get(cpu as usize).copied().flatten();
         if !matches!(phase, Some(Removal::Preparing(_))) {
             log::warn!("agent: unexpected prepared answer for CPU {cpu}");
@@ -456,7 +470,8 @@ impl Hotplug {
                 continue;
             };
             let id = u32::try_from(i).unwrap_or(u32::MAX);
-            let waited = now.duration_since(asked);
+            let since = self.last_prepared.map_or(asked, |t| t.max(asked));
+            let waited = now.duration_since(since);
             if waited < AGENT_PREPARE_TIMEOUT && self.agent.connected() {
                 let left = AGENT_PREPARE_TIMEOUT - waited;
                 next = Some(next.map_or(left, |n| n.min(left)));

@@ -38,6 +38,8 @@ pub struct Config {
     pub resize_reps: u32,
     /// Parts: boot, hotplug, resize, capacity.
     pub parts: Vec<String>,
+    /// VMMs, in order: ours, qemu.
+    pub vmms: Vec<Kind>,
     /// Guest command line (both VMMs).
     pub cmdline: String,
     /// `agent.load` for the capacity part.
@@ -60,6 +62,7 @@ impl Config {
                 "resize".into(),
                 "capacity".into(),
             ],
+            vmms: vec![Kind::Ours, Kind::Qemu],
             cmdline: "console=ttyS0 quiet".into(),
             load: 100_000,
             window_secs: 4,
@@ -80,6 +83,16 @@ impl Config {
                 "--load" => c.load = num()?,
                 "--window" => c.window_secs = num()?.max(1),
                 "--parts" => c.parts = v.split(',').map(str::to_string).collect(),
+                "--vmms" => {
+                    c.vmms = v
+                        .split(',')
+                        .map(|name| match name {
+                            "ours" => Ok(Kind::Ours),
+                            "qemu" => Ok(Kind::Qemu),
+                            other => Err(BenchError::Protocol(format!("unknown VMM {other}"))),
+                        })
+                        .collect::<Result<_>>()?;
+                }
                 "--cmdline" => c.cmdline = v.clone(),
                 _ => return Err(BenchError::Protocol(format!("unknown option {k}"))),
             }
@@ -533,7 +546,7 @@ pub fn main(args: &[String]) -> i32 {
         }
     };
     let trace = format!("{} agent.trace", cfg.cmdline);
-    for kind in [Kind::Ours, Kind::Qemu] {
+    for kind in cfg.vmms.clone() {
         note(&format!("vmm={} start", kind.name()));
         let extra = if cfg.part("boot") { cfg.boots } else { 1 };
         let mut last = None;
@@ -555,7 +568,7 @@ pub fn main(args: &[String]) -> i32 {
             }
         }
     }
-    if cfg.part("capacity") {
+    if cfg.part("capacity") && cfg.vmms.contains(&Kind::Ours) {
         report("capacity ours", capacity(&cfg));
     }
     note(&format!("done failed_parts={failed}"));

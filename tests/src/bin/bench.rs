@@ -30,6 +30,9 @@ struct Args {
     /// Parts, comma separated: boot,hotplug,resize,capacity.
     #[arg(long, default_value = "boot,hotplug,resize,capacity")]
     parts: String,
+    /// VMMs to measure, comma separated: ours,qemu.
+    #[arg(long, default_value = "ours,qemu")]
+    vmms: String,
     /// The guest agent's load (work items per second) for the capacity part.
     #[arg(long, default_value_t = 100_000)]
     load: u32,
@@ -239,6 +242,8 @@ fn main() -> Result<()> {
         &args.resize_reps.to_string(),
         "--parts",
         &args.parts,
+        "--vmms",
+        &args.vmms,
         "--load",
         &args.load.to_string(),
         "--window",

@@ -16,8 +16,8 @@ use crate::control::Plan;
 /// Where a vCPU's removal stands with the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Removal {
-    /// Waiting for its turn with the agent: the agent prepares one CPU at a
-    /// time (Linux offlines them one at a time anyway).
+    /// Waiting for its turn with the agent: at most
+    /// [`super::PREPARES_IN_FLIGHT`] prepare requests are out at once.
     Queued,
     /// Reserved, but the guest was never told (the `ignore_removal` hook).
     Withheld,
