@@ -32,7 +32,7 @@
 //! nothing at all.
 //!
 //! Console lines (few: each costs ~15 ms nested):
-//! - `GUEST-READY nproc=2 online=0-1 present=0-1 possible=0-7 up=1.52 agent=1 workers=3`
+//! - `GUEST-READY nproc=2 online=0-1 present=0-1 possible=0-7 up=1.52 agent=1 mailbox=1 workers=3`
 //! - `GUEST-CPU online=0-2` when the reported set changed (` forced=N` if
 //!   CPU N went down unasked)
 //! - `GUEST-ERROR ...` when something failed but the agent goes on
@@ -119,6 +119,8 @@ pub struct AgentConfig {
     pub version: String,
     /// Whether a VMM channel is open (shown as `agent=1` on the console).
     pub channel: bool,
+    /// Whether it runs through the VMM's mailbox (`mailbox=1`).
+    pub mailbox: bool,
     /// Console lines to print before the ready line.
     pub preface: Vec<String>,
 }
@@ -279,8 +281,9 @@ impl Agent {
             ready.push_str(&format!(" up={up}"));
         }
         ready.push_str(&format!(
-            " agent={} workers={}",
+            " agent={} mailbox={} workers={}",
             u8::from(cfg.channel),
+            u8::from(cfg.mailbox),
             agent.workers.descriptors().len()
         ));
         agent.out.console.push(ready);

@@ -26,6 +26,7 @@ fn rig(tag: &str, possible: &str, present: &str, online: &str, cmdline: &str) ->
         placement: FoldPlacement::shared(),
         version: "9.9.9".into(),
         channel: true,
+        mailbox: false,
         preface: vec!["GUEST-KMSG smpboot: Allowing 8 CPUs, 6 hotplug CPUs".into()],
     };
     let opts = Options::parse(&format!("agent.load=0 {cmdline}"));
@@ -172,7 +173,7 @@ fn start_says_ready_and_registers_the_workers() {
         ready.starts_with("GUEST-READY nproc=2 online=0-1 present=0-1 possible=0-7"),
         "{ready}"
     );
-    assert!(ready.ends_with(" agent=1 workers=3"), "{ready}");
+    assert!(ready.ends_with(" agent=1 mailbox=0 workers=3"), "{ready}");
     assert_eq!(r.agent.workers().descriptors().len(), 3);
     for cpu in [0, 1] {
         assert_eq!(r.infos_on(cpu).len(), 3);

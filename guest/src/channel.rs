@@ -6,6 +6,11 @@
 //! for writability while anything is queued, so a slow UART (one VM exit
 //! per byte) never blocks the agent. Incoming bytes are split into lines
 //! by [`LineDecoder`]; decoding them is the caller's business.
+//!
+//! With the VMM's mailbox attached ([`Channel::attach_mailbox`]) the bytes
+//! go through its shared-memory rings instead and the UART carries one
+//! doorbell byte per flush (see `api::mailbox`): a few VM exits per
+//! message instead of one or two per byte.
 
 use std::ffi::CString;
 use std::io;
@@ -14,7 +19,14 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use api::agent::{Line, LineDecoder};
+use api::mailbox::{segments, Segment, DOORBELL};
 use thiserror::Error;
+
+use crate::mailbox::GuestMailbox;
+
+/// How soon to retry pushing bytes into a full mailbox ring (the VMM
+/// empties it as soon as it reads the doorbell).
+pub const RING_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The guest's side of the VMM's agent UART.
 pub const DEFAULT_PATH: &str = "/dev/ttyS1";
@@ -52,6 +64,10 @@ pub struct Channel {
     decoder: LineDecoder,
     out: Vec<u8>,
     dropped_out: u64,
+    mailbox: Option<GuestMailbox>,
+    /// Bytes went into the ring; their doorbell is not written yet.
+    doorbell_owed: bool,
+    ring_bytes: Vec<u8>,
 }
 
 fn open_nonblocking(path: &Path) -> io::Result<OwnedFd> {
@@ -179,7 +195,26 @@ impl Channel {
             decoder: LineDecoder::new(),
             out: Vec::new(),
             dropped_out: 0,
+            mailbox: None,
+            doorbell_owed: false,
+            ring_bytes: Vec::new(),
         }
+    }
+
+    /// From now on, bytes go through `mailbox` (doorbells on the tty).
+    pub fn attach_mailbox(&mut self, mailbox: GuestMailbox) {
+        self.mailbox = Some(mailbox);
+    }
+
+    /// Whether the mailbox carries the bytes.
+    pub fn uses_mailbox(&self) -> bool {
+        self.mailbox.is_some()
+    }
+
+    /// When to call [`Self::flush`] again without waiting for the tty: the
+    /// mailbox ring was full.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        (self.mailbox.is_some() && !self.out.is_empty()).then_some(RING_RETRY)
     }
 
     /// Queues one encoded line; false (and counted) if the queue is full.
@@ -192,9 +227,12 @@ impl Channel {
         true
     }
 
-    /// Whether queued bytes wait for the tty.
+    /// Whether queued bytes (or a doorbell) wait for the tty.
     pub fn wants_write(&self) -> bool {
-        !self.out.is_empty()
+        match self.mailbox {
+            Some(_) => self.doorbell_owed,
+            None => !self.out.is_empty(),
+        }
     }
 
     /// Bytes queued and not yet written.
@@ -207,8 +245,32 @@ impl Channel {
         self.dropped_out
     }
 
-    /// Writes queued bytes until the tty would block.
+    /// Writes queued bytes until the tty would block; with the mailbox,
+    /// pushes them into its ring and rings the doorbell.
     pub fn flush(&mut self) -> io::Result<()> {
+        if let Some(mailbox) = &self.mailbox {
+            if !self.out.is_empty() {
+                let n = mailbox
+                    .to_host
+                    .push(&self.out)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                self.out.drain(..n);
+                self.doorbell_owed |= n > 0;
+            }
+            if self.doorbell_owed {
+                match write_some(self.fd.as_fd(), &[DOORBELL]) {
+                    Ok(1) => self.doorbell_owed = false,
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(());
+        }
         let mut written = 0;
         let result = loop {
             if written == self.out.len() {
@@ -236,10 +298,32 @@ impl Channel {
                     incoming.closed = true;
                     return Ok(incoming);
                 }
-                Ok(n) => incoming.lines.extend(self.decoder.push(&buf[..n])),
+                Ok(n) => self.take(&buf[..n], &mut incoming.lines),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(incoming),
                 Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Channel {
+    /// Decodes bytes read from the tty: stream bytes, and with the
+    /// mailbox, the ring's bytes at each doorbell.
+    fn take(&mut self, bytes: &[u8], lines: &mut Vec<Line>) {
+        let Some(mailbox) = &self.mailbox else {
+            lines.extend(self.decoder.push(bytes));
+            return;
+        };
+        for segment in segments(bytes) {
+            match segment {
+                Segment::Data(data) => lines.extend(self.decoder.push(data)),
+                Segment::Doorbell => {
+                    self.ring_bytes.clear();
+                    // A corrupt ring (it never is) yields nothing.
+                    let _ = mailbox.to_guest.pop_into(&mut self.ring_bytes);
+                    lines.extend(self.decoder.push(&self.ring_bytes));
+                }
             }
         }
     }
@@ -339,6 +423,46 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         let got = ch.read_lines().unwrap();
         assert_eq!(got.lines, vec![Line::Complete(b"ab\x03c".to_vec())]);
+    }
+
+    #[test]
+    fn the_mailbox_carries_the_bytes_and_the_tty_only_doorbells() {
+        use api::mailbox::{Ring, MAILBOX_SIZE, TO_GUEST, TO_HOST};
+        let mut memory = vec![0u64; MAILBOX_SIZE / 8];
+        let base = memory.as_mut_ptr().cast::<u8>();
+        // SAFETY: `memory` is aligned, MAILBOX_SIZE bytes and outlives
+        // the channel and the VMM-side rings of this test.
+        let (vmm_to_guest, vmm_to_host) =
+            unsafe { (Ring::new(base.add(TO_GUEST)), Ring::new(base.add(TO_HOST))) };
+        vmm_to_guest.init();
+        vmm_to_host.init();
+        let (mut ch, mut peer) = pair();
+        // SAFETY: as above.
+        ch.attach_mailbox(unsafe { GuestMailbox::over(base) });
+        assert!(ch.uses_mailbox());
+        // Out: the line in the ring, one doorbell on the tty.
+        assert!(ch.queue("{\"a\":1}\n"));
+        ch.flush().unwrap();
+        assert!(!ch.wants_write());
+        assert_eq!(ch.retry_after(), None);
+        let mut bell = [9u8; 1];
+        peer.read_exact(&mut bell).unwrap();
+        assert_eq!(bell, [DOORBELL]);
+        let mut got = Vec::new();
+        vmm_to_host.pop_into(&mut got).unwrap();
+        assert_eq!(got, b"{\"a\":1}\n");
+        // In: tty bytes first, then the ring's at the doorbell.
+        vmm_to_guest.push(b"2}\n{\"c\":3}\n").unwrap();
+        peer.write_all(b"{\"b\":\0").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let lines = ch.read_lines().unwrap().lines;
+        assert_eq!(
+            lines,
+            [
+                Line::Complete(b"{\"b\":2}".to_vec()),
+                Line::Complete(b"{\"c\":3}".to_vec())
+            ]
+        );
     }
 
     #[test]

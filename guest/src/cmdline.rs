@@ -42,6 +42,9 @@ pub struct Options {
     pub load: u64,
     /// `agent.readonly`: refuse every write to sysfs.
     pub readonly: bool,
+    /// `agent.mailbox=` (default on): talk to the VMM through its shared
+    /// memory mailbox when it serves one (`api::mailbox`); off: UART bytes only.
+    pub mailbox: bool,
     /// `agent.*` parameters that were not understood, verbatim.
     pub unknown: Vec<String>,
 }
@@ -55,6 +58,7 @@ impl Default for Options {
             trace: false,
             load: DEFAULT_LOAD,
             readonly: false,
+            mailbox: true,
             unknown: Vec::new(),
         }
     }
@@ -131,6 +135,7 @@ impl Options {
                 "autoonline" => parse_bool(value).map(|b| opts.autoonline = b).is_some(),
                 "trace" => parse_bool(value).map(|b| opts.trace = b).is_some(),
                 "readonly" => parse_bool(value).map(|b| opts.readonly = b).is_some(),
+                "mailbox" => parse_bool(value).map(|b| opts.mailbox = b).is_some(),
                 "load" => value
                     .and_then(|v| v.parse::<u64>().ok())
                     .filter(|&n| n <= MAX_LOAD)

@@ -21,6 +21,7 @@ use crate::cmdline::{Options, PowerOffWhen};
 use crate::console::say;
 use crate::init::{self, Signal, Signals};
 use crate::kmsg;
+use crate::mailbox::GuestMailbox;
 use crate::sysfs::Sysfs;
 use crate::topology::{GuestPlacement, SysfsTopology};
 use crate::uevent::UeventSocket;
@@ -193,14 +194,28 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
     )?);
     let (mut channel, channel_error) = open_channel(channel_path);
     let mut preface: Vec<String> = kmsg::smpboot_line().into_iter().collect();
+    // The mailbox only beside the VMM's own UART (not a test's socket).
+    let mailbox_error = match channel.as_mut() {
+        Some(ch) if opts.mailbox && channel_path.is_none() => match GuestMailbox::open() {
+            Ok(Some(mailbox)) => {
+                ch.attach_mailbox(mailbox);
+                None
+            }
+            Ok(None) => Some("the VMM serves no mailbox".to_owned()),
+            Err(e) => Some(format!("cannot map {}: {e}", crate::mailbox::DEV_MEM)),
+        },
+        _ => None,
+    };
     if opts.trace {
         preface.extend(channel_error.map(|e| format!("GUEST-TRACE channel: {e}")));
+        preface.extend(mailbox_error.map(|e| format!("GUEST-TRACE mailbox: {e}")));
     }
     let poweroff = opts.poweroff;
     let cfg = AgentConfig {
         placement: Arc::new(GuestPlacement),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         channel: channel.is_some(),
+        mailbox: channel.as_ref().is_some_and(Channel::uses_mailbox),
         preface,
     };
     let mut agent = Agent::start(Arc::clone(&topo), opts, cfg)?;
@@ -210,7 +225,13 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
         return Ok(Exit::PowerOff("reason=ready".into()));
     }
     loop {
-        let timeout = agent.next_timeout(Instant::now());
+        let timeout = match (
+            agent.next_timeout(Instant::now()),
+            channel.as_ref().and_then(Channel::retry_after),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let ready = wait(topo.poll_fd(), signals.as_fd(), channel.as_ref(), timeout)
             .map_err(AgentError::Poll)?;
         if ready.signals {

@@ -32,6 +32,7 @@ pub mod console;
 pub mod event_loop;
 pub mod init;
 pub mod kmsg;
+pub mod mailbox;
 pub mod sysfs;
 pub mod topology;
 pub mod uevent;

@@ -52,6 +52,7 @@ fn selftest(cmdline: Option<&str>) -> Result<(), String> {
         placement: Arc::new(GuestPlacement),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         channel: false,
+        mailbox: false,
         preface: Vec::new(),
     };
     let mut agent = Agent::start(Arc::new(topo), opts, cfg).map_err(|e| error_chain(&e))?;

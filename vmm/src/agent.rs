@@ -9,9 +9,16 @@
 //! the guest sends is trusted: bad lines are counted and dropped.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::agent::{decode, encode, GuestMessage, HostMessage, Line, LineDecoder, WorkerInfo};
+use api::mailbox::{segments, Ring, Segment, DOORBELL, TO_GUEST, TO_HOST};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::layout::AGENT_MAILBOX_BASE;
+use crate::memory::GuestMemoryMmap;
 
 use crate::events::{EventSender, VmEvent};
 
@@ -23,30 +30,120 @@ pub const AGENT_SILENCE_LIMIT: Duration = Duration::from_secs(6);
 /// this, new messages are refused (the agent is not listening).
 pub const OUTBOX_LIMIT: usize = 4096;
 
-/// COM2's output: bytes from the guest, split into lines for the VMM thread.
+/// The VMM's side of the agent mailbox (`api::mailbox`): the two rings in
+/// the guest-memory region at [`AGENT_MAILBOX_BASE`].
+#[derive(Debug)]
+pub struct Mailbox {
+    /// Keeps the region mapped for the rings' life.
+    _mem: GuestMemoryMmap,
+    to_guest: Ring,
+    to_host: Ring,
+    /// The guest rang a doorbell: it reads the ring, so host messages go
+    /// there too.
+    in_use: AtomicBool,
+    /// Doorbells whose ring had impossible counters (nothing was read).
+    corrupt: AtomicU64,
+}
+
+impl Mailbox {
+    /// The mailbox of `mem` (which maps it, see `memory::create_guest_memory`),
+    /// initialised empty with its magic. `None` if `mem` has no mailbox.
+    pub fn new(mem: &GuestMemoryMmap) -> Option<Arc<Self>> {
+        let base = mem
+            .get_host_address(GuestAddress(AGENT_MAILBOX_BASE))
+            .ok()?;
+        let last = GuestAddress(AGENT_MAILBOX_BASE + api::mailbox::MAILBOX_SIZE as u64 - 1);
+        // The whole mailbox must be one contiguous host mapping.
+        let last_host = mem.get_host_address(last).ok()?;
+        if last_host as usize - base as usize != api::mailbox::MAILBOX_SIZE - 1 {
+            return None;
+        }
+        // SAFETY: base..base+MAILBOX_SIZE is one page-aligned mapping of
+        // `mem`, kept alive by the clone held in the Mailbox; the VMM
+        // touches it only through these rings, the guest through its own.
+        let (to_guest, to_host) =
+            unsafe { (Ring::new(base.add(TO_GUEST)), Ring::new(base.add(TO_HOST))) };
+        to_guest.init();
+        to_host.init();
+        Some(Arc::new(Self {
+            _mem: mem.clone(),
+            to_guest,
+            to_host,
+            in_use: AtomicBool::new(false),
+            corrupt: AtomicU64::new(0),
+        }))
+    }
+
+    /// Whether the guest uses the mailbox.
+    pub fn in_use(&self) -> bool {
+        self.in_use.load(Ordering::Acquire)
+    }
+
+    /// A doorbell from the guest: takes what its ring holds.
+    fn take(&self, out: &mut Vec<u8>) {
+        self.in_use.store(true, Ordering::Release);
+        if self.to_host.pop_into(out).is_err() {
+            self.corrupt.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Doorbells that found a corrupt ring.
+    pub fn corrupt_doorbells(&self) -> u64 {
+        self.corrupt.load(Ordering::Relaxed)
+    }
+}
+
+/// COM2's output: bytes from the guest (stream bytes, or doorbells that
+/// say the mailbox holds them), split into lines for the VMM thread.
 #[derive(Debug)]
 pub struct AgentSink {
     decoder: LineDecoder,
     events: EventSender,
+    mailbox: Option<Arc<Mailbox>>,
+    ring_bytes: Vec<u8>,
 }
 
 impl AgentSink {
-    /// A sink queueing complete lines on `events`.
-    pub fn new(events: EventSender) -> Self {
+    /// A sink queueing complete lines on `events`, draining `mailbox` on
+    /// doorbells.
+    pub fn new(events: EventSender, mailbox: Option<Arc<Mailbox>>) -> Self {
         Self {
             decoder: LineDecoder::new(),
             events,
+            mailbox,
+            ring_bytes: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        for line in self.decoder.push(bytes) {
+            self.events.send(VmEvent::AgentLine(match line {
+                Line::Complete(bytes) => Some(bytes),
+                Line::Oversized => None,
+            }));
         }
     }
 }
 
 impl Write for AgentSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for line in self.decoder.push(buf) {
-            self.events.send(VmEvent::AgentLine(match line {
-                Line::Complete(bytes) => Some(bytes),
-                Line::Oversized => None,
-            }));
+        for segment in segments(buf) {
+            match segment {
+                Segment::Data(bytes) => self.feed(bytes),
+                Segment::Doorbell => {
+                    // Without a mailbox a NUL is just a bad byte; the
+                    // decoder sees it and drops the line it lands in.
+                    let Some(mailbox) = self.mailbox.clone() else {
+                        self.feed(&[DOORBELL]);
+                        continue;
+                    };
+                    let mut bytes = std::mem::take(&mut self.ring_bytes);
+                    bytes.clear();
+                    mailbox.take(&mut bytes);
+                    self.feed(&bytes);
+                    self.ring_bytes = bytes;
+                }
+            }
         }
         Ok(buf.len())
     }
@@ -77,14 +174,35 @@ pub struct AgentLink {
     done: Vec<(u32, u64)>,
     counters: AgentCounters,
     /// Encoded host messages not yet taken by the UART's 64-byte receive
-    /// FIFO; pushed as the guest drains it.
+    /// FIFO (or the mailbox ring); pushed as the guest drains it.
     outbox: std::collections::VecDeque<u8>,
+    mailbox: Option<Arc<Mailbox>>,
+    /// Bytes went into the ring but their doorbell did not fit the FIFO yet.
+    doorbell_owed: bool,
+    /// The mailbox was seen in use (logged once).
+    mailbox_noted: bool,
 }
 
 impl AgentLink {
     /// No agent seen yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sends through `mailbox` once the guest uses it.
+    pub fn with_mailbox(mut self, mailbox: Option<Arc<Mailbox>>) -> Self {
+        self.mailbox = mailbox;
+        self
+    }
+
+    /// Doorbells that found the guest's mailbox ring corrupt.
+    pub fn mailbox_corrupt(&self) -> u64 {
+        self.mailbox.as_ref().map_or(0, |m| m.corrupt_doorbells())
+    }
+
+    /// Whether the agent talks through the mailbox.
+    pub fn uses_mailbox(&self) -> bool {
+        self.mailbox.as_ref().is_some_and(|m| m.in_use())
     }
 
     /// Decodes one line from the guest (`None`: an oversized line was
@@ -95,6 +213,10 @@ impl AgentLink {
             log::warn!("agent: dropped an oversized line");
             return None;
         };
+        if !self.mailbox_noted && self.uses_mailbox() {
+            self.mailbox_noted = true;
+            log::info!("agent: talks through the mailbox");
+        }
         match decode::<GuestMessage>(&bytes) {
             Ok(msg) => {
                 self.counters.messages += 1;
@@ -171,8 +293,31 @@ impl AgentLink {
         true
     }
 
-    /// Pushes queued bytes into the FIFO until it is full.
+    /// Pushes queued bytes into the FIFO until it is full, or, once the
+    /// agent uses the mailbox, into its ring followed by one doorbell.
     pub fn flush(&mut self, mut enqueue: impl FnMut(&[u8]) -> usize) {
+        if let Some(mailbox) = self.mailbox.clone().filter(|m| m.in_use()) {
+            while !self.outbox.is_empty() {
+                let (chunk, _) = self.outbox.as_slices();
+                match mailbox.to_guest.push(chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        self.outbox.drain(..n);
+                        self.doorbell_owed = true;
+                    }
+                    Err(e) => {
+                        // The guest wrote an impossible tail: keep the
+                        // bytes (the outbox bound fails later sends).
+                        log::warn!("agent: {e}");
+                        break;
+                    }
+                }
+            }
+            if self.doorbell_owed && enqueue(&[DOORBELL]) == 1 {
+                self.doorbell_owed = false;
+            }
+            return;
+        }
         while !self.outbox.is_empty() {
             let (chunk, _) = self.outbox.as_slices();
             let len = chunk.len();
@@ -184,9 +329,9 @@ impl AgentLink {
         }
     }
 
-    /// Whether bytes wait for room in the guest's FIFO.
+    /// Whether bytes (or a doorbell) wait for room in the guest's FIFO or ring.
     pub fn has_pending_output(&self) -> bool {
-        !self.outbox.is_empty()
+        !self.outbox.is_empty() || self.doorbell_owed
     }
 }
 
@@ -197,7 +342,7 @@ mod tests {
     #[test]
     fn sink_queues_lines_for_the_vmm_thread() {
         let (tx, rx, _wake) = EventSender::new().unwrap();
-        let mut sink = AgentSink::new(tx);
+        let mut sink = AgentSink::new(tx, None);
         sink.write_all(b"{\"v\":1,\"type\":\"heart").unwrap();
         assert!(rx.try_recv().is_err());
         sink.write_all(b"beat\"}\n").unwrap();
@@ -247,5 +392,86 @@ mod tests {
         // A guest that never reads: the outbox is bounded and says so.
         while link.send(&HostMessage::Snapshot, |_| 0) {}
         assert_eq!(link.counters().send_failures, 1);
+    }
+
+    /// The guest's view of the mailbox in `mem`: its (to_guest, to_host) rings.
+    fn guest_rings(mem: &GuestMemoryMmap) -> (Ring, Ring) {
+        let base = mem
+            .get_host_address(GuestAddress(AGENT_MAILBOX_BASE))
+            .unwrap();
+        // SAFETY: the mailbox mapping of `mem`, alive for the test; the
+        // test plays the guest's side through these rings only.
+        unsafe { (Ring::new(base.add(TO_GUEST)), Ring::new(base.add(TO_HOST))) }
+    }
+
+    #[test]
+    fn mailbox_carries_both_directions_with_one_doorbell_each() {
+        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        let mailbox = Mailbox::new(&mem).unwrap();
+        let (to_guest, to_host) = guest_rings(&mem);
+        assert!(to_guest.has_magic() && to_host.has_magic());
+
+        // Guest -> host: a line in the ring, then one doorbell byte.
+        let (tx, rx, _wake) = EventSender::new().unwrap();
+        let mut sink = AgentSink::new(tx, Some(mailbox.clone()));
+        let mut link = AgentLink::new().with_mailbox(Some(mailbox.clone()));
+        assert!(!link.uses_mailbox());
+        // Before the guest rang, host messages take the FIFO.
+        let mut fifo: Vec<u8> = Vec::new();
+        link.send(&HostMessage::Snapshot, |b| {
+            fifo.extend(b);
+            b.len()
+        });
+        assert_eq!(fifo, encode(&HostMessage::Snapshot).as_bytes());
+        let line = b"{\"v\":1,\"type\":\"heartbeat\"}\n";
+        assert_eq!(to_host.push(line), Ok(line.len()));
+        sink.write_all(&[b'{', DOORBELL]).unwrap();
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            VmEvent::AgentLine(Some(b"{{\"v\":1,\"type\":\"heartbeat\"}".to_vec()))
+        );
+        assert!(link.uses_mailbox());
+
+        // Host -> guest: the ring, then a doorbell into the FIFO.
+        let mut fifo: Vec<u8> = Vec::new();
+        assert!(link.send(&HostMessage::Poweroff, |b| {
+            fifo.extend(b);
+            b.len()
+        }));
+        assert_eq!(fifo, [DOORBELL]);
+        let mut got = Vec::new();
+        to_guest.pop_into(&mut got).unwrap();
+        assert_eq!(got, encode(&HostMessage::Poweroff).as_bytes());
+        // A full FIFO: the doorbell is owed and sent on the next flush.
+        assert!(link.send(&HostMessage::Snapshot, |_| 0));
+        assert!(link.has_pending_output());
+        let mut fifo: Vec<u8> = Vec::new();
+        link.flush(|b| {
+            fifo.extend(b);
+            b.len()
+        });
+        assert_eq!(fifo, [DOORBELL]);
+        assert!(!link.has_pending_output());
+    }
+
+    #[test]
+    fn a_corrupt_guest_ring_is_counted_and_read_nothing_from() {
+        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        let mailbox = Mailbox::new(&mem).unwrap();
+        let base = mem
+            .get_host_address(GuestAddress(AGENT_MAILBOX_BASE))
+            .unwrap();
+        // The guest writes an impossible head into its ring's header.
+        // SAFETY: the head counter of the mailbox's guest -> host ring.
+        unsafe {
+            base.add(TO_HOST + 8)
+                .cast::<u32>()
+                .write_volatile(u32::MAX / 2)
+        };
+        let (tx, rx, _wake) = EventSender::new().unwrap();
+        let mut sink = AgentSink::new(tx, Some(mailbox.clone()));
+        sink.write_all(&[DOORBELL, DOORBELL]).unwrap();
+        assert!(rx.try_recv().is_err());
+        assert_eq!(mailbox.corrupt_doorbells(), 2);
     }
 }

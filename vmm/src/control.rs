@@ -161,6 +161,9 @@ pub struct VmmMetrics {
     pub vcpu_fds_reused: u64,
     /// Lines from the guest agent dropped (oversized, malformed, wrong version).
     pub agent_lines_dropped: u64,
+    /// Doorbells from the guest agent whose mailbox ring had impossible
+    /// counters (nothing was read from it).
+    pub agent_mailbox_corrupt: u64,
 }
 
 /// Why a control message could not be exchanged.

@@ -140,6 +140,7 @@ impl Vmm {
             },
             vm.devices.agent_uart.clone(),
         )
+        .with_agent_mailbox(vm.devices.agent_mailbox.clone())
         .with_test_hooks(cfg.test_hooks);
         let (control_tx, control) = control::channel()?;
         let api = match &cfg.api_socket {

@@ -118,6 +118,12 @@ impl Hotplug {
         }
     }
 
+    /// Talks to the agent through `mailbox` once the agent uses it.
+    pub fn with_agent_mailbox(mut self, mailbox: Option<Arc<crate::agent::Mailbox>>) -> Self {
+        self.agent = std::mem::take(&mut self.agent).with_mailbox(mailbox);
+        self
+    }
+
     /// Honour the test hooks (`--test-hooks`); off by default, when
     /// [`Action::InjectFault`] answers `not_found` like an unknown path.
     pub fn with_test_hooks(mut self, on: bool) -> Self {
@@ -631,6 +637,7 @@ impl Hotplug {
             vcpu_fds_created: c.vcpu_fds_created,
             vcpu_fds_reused: c.vcpu_fds_reused,
             agent_lines_dropped: self.agent.counters().dropped,
+            agent_mailbox_corrupt: self.agent.mailbox_corrupt(),
         }
     }
 }

@@ -50,6 +50,15 @@ pub const GED_MMIO_BASE: u64 = 0xd000_1000;
 pub const GED_MMIO_SIZE: u64 = 0x1000;
 /// GSI of the GED interrupt (edge, active high, through the IOAPIC).
 pub const GED_GSI: u32 = 5;
+/// The agent mailbox (`api::mailbox`): memory shared with the guest agent,
+/// in the MMIO hole, absent from e820 and ACPI.
+pub const AGENT_MAILBOX_BASE: u64 = api::mailbox::MAILBOX_GPA;
+/// Size of the agent mailbox.
+pub const AGENT_MAILBOX_SIZE: usize = api::mailbox::MAILBOX_SIZE;
+const _: () = assert!(
+    AGENT_MAILBOX_BASE >= GED_MMIO_BASE + GED_MMIO_SIZE
+        && AGENT_MAILBOX_BASE + AGENT_MAILBOX_SIZE as u64 <= IOAPIC_START
+);
 
 /// ACPI power device: sleep control register (FADT SLEEP_CONTROL_REG), I/O port.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;

@@ -5,7 +5,10 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::layout::{EBDA_START, HIGH_RAM_START, HIMEM_START, MMIO_HOLE_START};
+use crate::layout::{
+    AGENT_MAILBOX_BASE, AGENT_MAILBOX_SIZE, EBDA_START, HIGH_RAM_START, HIMEM_START,
+    MMIO_HOLE_START,
+};
 
 /// Guest memory as the VMM uses it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -40,16 +43,20 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
-/// Maps `size` bytes of anonymous guest RAM. Pages become resident only
-/// when the guest touches them.
+/// Maps `size` bytes of anonymous guest RAM, plus the agent mailbox
+/// (`layout::AGENT_MAILBOX_BASE`, in the MMIO hole: memory the VMM shares
+/// with the guest agent, never RAM to the guest, see `api::mailbox`).
+/// Pages become resident only when the guest touches them.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     if size < MIN_MEMORY || !size.is_multiple_of(4096) {
         return Err(MemoryError::InvalidSize(size));
     }
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
+    let mut ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
         .into_iter()
         .map(|(a, l)| (a, usize::try_from(l).unwrap_or(usize::MAX)))
         .collect();
+    ranges.push((GuestAddress(AGENT_MAILBOX_BASE), AGENT_MAILBOX_SIZE));
+    ranges.sort_by_key(|(a, _)| *a);
     GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Map)
 }
 
@@ -158,6 +165,22 @@ mod tests {
         assert_eq!(map.len(), 3);
         assert_eq!(map[1].addr + map[1].size, MMIO_HOLE_START);
         assert_eq!(map[2].addr, HIGH_RAM_START);
+    }
+
+    #[test]
+    fn the_mailbox_is_mapped_but_not_ram() {
+        let mem = create_guest_memory(256 << 20).unwrap();
+        assert!(mem
+            .get_host_address(GuestAddress(
+                AGENT_MAILBOX_BASE + AGENT_MAILBOX_SIZE as u64 - 1
+            ))
+            .is_ok());
+        assert!(e820_map(256 << 20)
+            .iter()
+            .all(|e| e.addr + e.size <= AGENT_MAILBOX_BASE
+                || e.addr >= AGENT_MAILBOX_BASE + AGENT_MAILBOX_SIZE as u64));
+        let big = create_guest_memory(4 << 30).unwrap();
+        assert_eq!(big.num_regions(), 3);
     }
 
     #[test]

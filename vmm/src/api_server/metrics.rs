@@ -93,6 +93,11 @@ impl ApiMetrics {
                 "Lines from the guest agent dropped as oversized or malformed.",
                 vmm.agent_lines_dropped,
             ),
+            (
+                "vmm_agent_mailbox_corrupt_total",
+                "Doorbells from the guest agent whose mailbox ring was corrupt (nothing read).",
+                vmm.agent_mailbox_corrupt,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = write!(
@@ -157,6 +162,7 @@ mod tests {
             vcpu_fds_created: 8,
             vcpu_fds_reused: 2,
             agent_lines_dropped: 5,
+            agent_mailbox_corrupt: 1,
         };
         let text = metrics.render(&vmm);
         assert!(text.contains(

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::agent::AgentSink;
+use crate::agent::{AgentSink, Mailbox};
 use crate::bus::{lock, Bus, BusError};
 use crate::config::SerialOutput;
 use crate::devices::cmos::Cmos;
@@ -131,6 +131,8 @@ pub struct Devices {
     pub console: Arc<Mutex<SerialDevice<ConsoleOut>>>,
     /// The guest agent's UART (COM2).
     pub agent_uart: Arc<Mutex<SerialDevice<AgentSink>>>,
+    /// The guest agent's mailbox (its doorbells ring on COM2).
+    pub agent_mailbox: Option<Arc<Mailbox>>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -166,6 +168,7 @@ impl Devices {
         max_vcpus: u32,
         serial: &SerialOutput,
         events: &EventSender,
+        agent_mailbox: Option<Arc<Mailbox>>,
     ) -> Result<Self, DevicesError> {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
@@ -177,7 +180,7 @@ impl Devices {
         pio.insert(u64::from(layout::COM1_PORT), 8, console.clone())?;
         let agent_uart = Arc::new(Mutex::new(SerialDevice::new(
             irq_eventfd(vm, layout::COM2_GSI)?,
-            AgentSink::new(events.clone()),
+            AgentSink::new(events.clone(), agent_mailbox.clone()),
         )));
         pio.insert(u64::from(layout::COM2_PORT), 8, agent_uart.clone())?;
 
@@ -217,6 +220,7 @@ impl Devices {
             ged,
             console,
             agent_uart,
+            agent_mailbox,
         })
     }
 

@@ -110,7 +110,8 @@ impl Vm {
         let mem = memory::create_guest_memory(cfg.memory)?;
         memory::register_with_kvm(&fd, &mem)?;
 
-        let devices = Devices::new(&fd, cfg.cpus.max, &cfg.serial, events)?;
+        let mailbox = crate::agent::Mailbox::new(&mem);
+        let devices = Devices::new(&fd, cfg.cpus.max, &cfg.serial, events, mailbox)?;
         let rsdp = acpi::create_acpi_tables(
             &mem,
             &AcpiConfig {
