@@ -119,7 +119,9 @@ impl Vm {
                 max_vcpus: cfg.cpus.max,
             },
         )?;
+        let loading = std::time::Instant::now();
         let boot_entry = boot::load(&mem, &cfg.kernel, cfg.memory, rsdp)?;
+        log::debug!("kernel and initramfs loaded in {:?}", loading.elapsed());
         debug_assert_eq!(rsdp, GuestAddress(layout::ACPI_START));
 
         let supported_cpuid = kvm
