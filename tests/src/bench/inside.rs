@@ -232,11 +232,15 @@ fn start(kind: Kind, cmdline: &str) -> Result<Vm> {
 }
 
 /// (total RSS, RSS minus the largest mapping's: the guest RAM) in MiB.
+/// (total RSS, RSS outside guest RAM) in MiB. Guest RAM is the biggest
+/// mapping together with the mappings contiguous with it: our VMM maps the
+/// kernel's file pages over parts of its RAM mapping (`boot::elf_map`),
+/// which splits it into several adjacent ones.
 fn rss(pid: u32) -> Result<(f64, f64)> {
     let path = format!("/proc/{pid}/smaps");
     let text = std::fs::read_to_string(&path).map_err(|e| BenchError::io(path, e))?;
-    let (mut total, mut biggest, mut biggest_rss) = (0u64, 0u64, 0u64);
-    let mut size = 0u64;
+    // (start, end, rss KiB) per mapping.
+    let mut maps: Vec<(u64, u64, u64)> = Vec::new();
     for line in text.lines() {
         let kb = |l: &str| -> u64 {
             l.split_whitespace()
@@ -244,18 +248,42 @@ fn rss(pid: u32) -> Result<(f64, f64)> {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
-        if line.starts_with("Size:") {
-            size = kb(line);
+        let range = line
+            .split_whitespace()
+            .next()
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| {
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            });
+        if let Some((a, b)) = range.filter(|_| !line.ends_with(':') && line.contains(' ')) {
+            maps.push((a, b, 0));
         } else if line.starts_with("Rss:") {
-            let r = kb(line);
-            total += r;
-            if size > biggest {
-                biggest = size;
-                biggest_rss = r;
+            if let Some(m) = maps.last_mut() {
+                m.2 = kb(line);
             }
         }
     }
-    Ok((total as f64 / 1024.0, (total - biggest_rss) as f64 / 1024.0))
+    maps.sort_by_key(|m| m.0);
+    let total: u64 = maps.iter().map(|m| m.2).sum();
+    let Some(big) = (0..maps.len()).max_by_key(|&i| maps[i].1 - maps[i].0) else {
+        return Ok((0.0, 0.0));
+    };
+    // Neighbours join only while the run stays within the guest RAM size
+    // (a thread stack may sit right beside it).
+    const GUEST_RAM: u64 = 256 << 20;
+    let (mut lo, mut hi) = (big, big);
+    let fits = |lo: usize, hi: usize| maps[hi].1 - maps[lo].0 <= GUEST_RAM;
+    while lo > 0 && maps[lo - 1].1 == maps[lo].0 && fits(lo - 1, hi) {
+        lo -= 1;
+    }
+    while hi + 1 < maps.len() && maps[hi + 1].0 == maps[hi].1 && fits(lo, hi + 1) {
+        hi += 1;
+    }
+    let guest: u64 = maps[lo..=hi].iter().map(|m| m.2).sum();
+    Ok((total as f64 / 1024.0, (total - guest) as f64 / 1024.0))
 }
 
 fn boot(kind: Kind, cfg: &Config, cmdline: &str, measure: bool) -> Result<Vm> {
