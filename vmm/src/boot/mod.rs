@@ -17,7 +17,6 @@ use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_HOLE_STAR
 use crate::memory::GuestMemoryMmap;
 use crate::x86::regs::EntryMode;
 
-mod elf_map;
 mod linux64;
 mod pvh;
 
@@ -164,36 +163,23 @@ pub fn load(
             })
         }
         Format::Elf => {
-            // Mapped when possible (see elf_map), else copied by linux-loader.
-            let (entry, kernel_end) = match elf_map::load(mem, &kernel) {
-                Some(m) => {
-                    log::debug!("kernel mapped from {}", spec.kernel.display());
-                    let entry = m
-                        .pvh_entry
-                        .ok_or_else(|| BootError::NoPvhEntry(spec.kernel.clone()))?;
-                    (entry, m.kernel_end)
-                }
-                None => {
-                    let loaded = linux_loader::loader::Elf::load(
-                        mem,
-                        None,
-                        &mut kernel,
-                        Some(GuestAddress(HIMEM_START)),
-                    )
-                    .map_err(BootError::Load)?;
-                    let entry = match loaded.pvh_boot_cap {
-                        linux_loader::loader::elf::PvhBootCapability::PvhEntryPresent(a) => a.0,
-                        _ => return Err(BootError::NoPvhEntry(spec.kernel.clone())),
-                    };
-                    (entry, loaded.kernel_end)
-                }
+            let loaded = linux_loader::loader::Elf::load(
+                mem,
+                None,
+                &mut kernel,
+                Some(GuestAddress(HIMEM_START)),
+            )
+            .map_err(BootError::Load)?;
+            let entry = match loaded.pvh_boot_cap {
+                linux_loader::loader::elf::PvhBootCapability::PvhEntryPresent(a) => a.0,
+                _ => return Err(BootError::NoPvhEntry(spec.kernel.clone())),
             };
             let initrd = match &spec.initramfs {
                 Some(p) => Some(load_initramfs(
                     mem,
                     p,
                     mem_size,
-                    kernel_end,
+                    loaded.kernel_end,
                     u64::from(u32::MAX),
                 )?),
                 None => None,
