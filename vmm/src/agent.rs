@@ -18,7 +18,7 @@ use api::mailbox::{segments, Ring, Segment, DOORBELL, TO_GUEST, TO_HOST};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::layout::AGENT_MAILBOX_BASE;
-use crate::memory::GuestMemoryMmap;
+use crate::memory::GuestRam;
 
 use crate::events::{EventSender, VmEvent};
 
@@ -35,7 +35,7 @@ pub const OUTBOX_LIMIT: usize = 4096;
 #[derive(Debug)]
 pub struct Mailbox {
     /// Keeps the region mapped for the rings' life.
-    _mem: GuestMemoryMmap,
+    _mem: GuestRam,
     to_guest: Ring,
     to_host: Ring,
     /// The guest rang a doorbell: it reads the ring, so host messages go
@@ -48,7 +48,7 @@ pub struct Mailbox {
 impl Mailbox {
     /// The mailbox of `mem` (which maps it, see `memory::create_guest_memory`),
     /// initialised empty with its magic. `None` if `mem` has no mailbox.
-    pub fn new(mem: &GuestMemoryMmap) -> Option<Arc<Self>> {
+    pub fn new(mem: &GuestRam) -> Option<Arc<Self>> {
         let base = mem
             .get_host_address(GuestAddress(AGENT_MAILBOX_BASE))
             .ok()?;
@@ -395,7 +395,7 @@ mod tests {
     }
 
     /// The guest's view of the mailbox in `mem`: its (to_guest, to_host) rings.
-    fn guest_rings(mem: &GuestMemoryMmap) -> (Ring, Ring) {
+    fn guest_rings(mem: &GuestRam) -> (Ring, Ring) {
         let base = mem
             .get_host_address(GuestAddress(AGENT_MAILBOX_BASE))
             .unwrap();

@@ -23,8 +23,11 @@ pub enum MemoryError {
     #[error("invalid guest memory size {0:#x}: at least 32 MiB, a multiple of 4 KiB")]
     InvalidSize(u64),
     /// Mapping guest RAM failed.
-    #[error("cannot map guest memory")]
-    Map(#[source] vm_memory::mmap::FromRangesError),
+    #[error("cannot map {0} bytes of guest memory")]
+    Map(usize, #[source] std::io::Error),
+    /// vm-memory refused the mapping as a region.
+    #[error("cannot describe guest memory to vm-memory: {0}")]
+    Region(String),
     /// KVM refused a memory slot.
     #[error("cannot register guest memory slot {0} with KVM")]
     Register(u32, #[source] kvm_ioctls::Error),
@@ -43,11 +46,87 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
+/// Host mappings of guest RAM, unmapped when the last [`GuestRam`] goes.
+#[derive(Debug)]
+struct Mappings(Vec<(usize, usize)>);
+
+impl Drop for Mappings {
+    fn drop(&mut self) {
+        for &(addr, len) in &self.0 {
+            // SAFETY: (addr, len) is a mapping made by map_aligned and
+            // owned by this object; every GuestMemoryMmap built over it is
+            // held by a GuestRam, which holds this object: none is left.
+            unsafe {
+                libc::munmap(addr as *mut libc::c_void, len);
+            }
+        }
+    }
+}
+
+/// Guest RAM: the [`GuestMemoryMmap`] the rest of the VMM uses (through
+/// `Deref`), over anonymous mappings this type owns. Each region's host
+/// address is 2 MiB-aligned like its guest-physical address, so KVM can
+/// map guest memory with 2 MiB pages (transparent huge pages); an
+/// arbitrary `mmap` address (what vm-memory would pick) rules them out
+/// and costs the guest a nested page fault per 4 KiB page. Clones share
+/// the mappings; the last one unmaps them.
+#[derive(Debug, Clone)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    _mappings: std::sync::Arc<Mappings>,
+}
+
+impl std::ops::Deref for GuestRam {
+    type Target = GuestMemoryMmap;
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
+/// Alignment of guest RAM's host mappings (the x86 huge page size).
+pub const HOST_ALIGN: usize = 2 << 20;
+
+/// Maps `len` bytes of anonymous memory at a host address congruent to
+/// `gpa` modulo [`HOST_ALIGN`] (over-allocates, then trims both ends).
+fn map_aligned(len: usize, gpa: u64) -> std::io::Result<usize> {
+    let phase = usize::try_from(gpa % HOST_ALIGN as u64).unwrap_or(0);
+    let total = len + 2 * HOST_ALIGN;
+    // SAFETY: a new private anonymous mapping at an address the kernel
+    // picks; it aliases nothing.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = raw as usize;
+    let aligned = start.next_multiple_of(HOST_ALIGN) + phase;
+    let head = aligned - start;
+    let tail = total - head - len;
+    // SAFETY: both ranges are the unused ends of the mapping just made.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+    }
+    Ok(aligned)
+}
+
 /// Maps `size` bytes of anonymous guest RAM, plus the agent mailbox
 /// (`layout::AGENT_MAILBOX_BASE`, in the MMIO hole: memory the VMM shares
 /// with the guest agent, never RAM to the guest, see `api::mailbox`).
 /// Pages become resident only when the guest touches them.
-pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
     if size < MIN_MEMORY || !size.is_multiple_of(4096) {
         return Err(MemoryError::InvalidSize(size));
     }
@@ -57,7 +136,31 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .collect();
     ranges.push((GuestAddress(AGENT_MAILBOX_BASE), AGENT_MAILBOX_SIZE));
     ranges.sort_by_key(|(a, _)| *a);
-    GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Map)
+    let mut mappings = Mappings(Vec::new());
+    let mut regions = Vec::new();
+    for (gpa, len) in ranges {
+        let host = map_aligned(len, gpa.0).map_err(|e| MemoryError::Map(len, e))?;
+        mappings.0.push((host, len));
+        // SAFETY: host..host+len is the live mapping just made, owned by
+        // `mappings`, which every GuestRam over these regions keeps alive.
+        let region = unsafe {
+            vm_memory::mmap::MmapRegionBuilder::new(len)
+                .with_raw_mmap_pointer(host as *mut u8)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .build()
+        }
+        .map_err(|e| MemoryError::Region(e.to_string()))?;
+        let region = vm_memory::GuestRegionMmap::new(region, gpa)
+            .ok_or_else(|| MemoryError::Region(format!("region at {gpa:?} overflows")))?;
+        regions.push(region);
+    }
+    let mem =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Region(e.to_string()))?;
+    Ok(GuestRam {
+        mem,
+        _mappings: std::sync::Arc::new(mappings),
+    })
 }
 
 /// Kind of an e820 entry (the values of the boot protocol).
@@ -181,6 +284,19 @@ mod tests {
                 || e.addr >= AGENT_MAILBOX_BASE + AGENT_MAILBOX_SIZE as u64));
         let big = create_guest_memory(4 << 30).unwrap();
         assert_eq!(big.num_regions(), 3);
+    }
+
+    #[test]
+    fn host_addresses_are_aligned_like_guest_addresses() {
+        let mem = create_guest_memory(4 << 30).unwrap();
+        for gpa in [0, HIGH_RAM_START, AGENT_MAILBOX_BASE] {
+            let h = mem.get_host_address(GuestAddress(gpa)).unwrap() as usize;
+            assert_eq!(h % HOST_ALIGN, usize::try_from(gpa).unwrap() % HOST_ALIGN);
+        }
+        // Clones share the mapping: still usable after the original goes.
+        let copy = mem.clone();
+        drop(mem);
+        vm_memory::Bytes::write_obj(&*copy, 7u8, GuestAddress(0x1000)).unwrap();
     }
 
     #[test]

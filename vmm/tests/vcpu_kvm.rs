@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::bus::Bus;
 use vmm::devices::BusDevice;
 use vmm::events::{EventSender, VmEvent};
-use vmm::memory::{create_guest_memory, register_with_kvm, GuestMemoryMmap};
+use vmm::memory::{create_guest_memory, register_with_kvm, GuestRam};
 use vmm::vcpu::{Vcpu, VcpuContext, VcpuState};
 
 /// Records every byte written to it, with the writer's value.
@@ -40,7 +40,7 @@ fn program(n: u8) -> Vec<u8> {
 
 struct Fixture {
     vm: VmFd,
-    _mem: GuestMemoryMmap,
+    _mem: GuestRam,
     recorder: Arc<Mutex<Recorder>>,
     ctx: VcpuContext,
     events: std::sync::mpsc::Receiver<VmEvent>,

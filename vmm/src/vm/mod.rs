@@ -14,7 +14,7 @@ use crate::boot::{self, BootEntry};
 use crate::config::VmConfig;
 use crate::events::EventSender;
 use crate::layout;
-use crate::memory::{self, GuestMemoryMmap};
+use crate::memory::{self, GuestRam};
 use devices::Devices;
 
 /// Errors building a VM.
@@ -57,7 +57,7 @@ pub struct Vm {
     /// The VM fd (shared with the vCPU manager).
     pub fd: Arc<VmFd>,
     /// Guest RAM. Declared after `fd`: dropped after the VM is gone.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     /// KVM's supported CPUID, the base of every vCPU's CPUID.
     pub supported_cpuid: CpuId,
     /// Where the boot vCPU starts.

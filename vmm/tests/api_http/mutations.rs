@@ -177,6 +177,7 @@ fn metrics_count_hotplug_and_requests() {
         "vmm_hotplug_ignored_register_accesses_total 0",
         "vmm_vcpu_fds_created_total 0",
         "vmm_agent_lines_dropped_total 0",
+        "vmm_agent_mailbox_corrupt_total 0",
         "vmm_api_requests_total{status=\"200\"} 2",
         "vmm_api_requests_total{status=\"409\"} 1",
         "vmm_api_requests_total{status=\"404\"} 1",
@@ -194,6 +195,6 @@ fn metrics_count_hotplug_and_requests() {
             .lines()
             .filter(|l| l.starts_with("# TYPE"))
             .count(),
-        8
+        9
     );
 }
