@@ -378,11 +378,6 @@ impl Agent {
             }
             hp.prepare(cpu).map_err(|e| format!("prepare: {e}"))?;
             // Timed for the benchmarks: the guest's own share of a hot-add.
-            if self.opts.trace {
-                self.out
-                    .console
-                    .push(trace_line(&format!("prepared cpu={cpu}, writing 1")));
-            }
             let t = std::time::Instant::now();
             self.topo
                 .set_online(cpu, true)
@@ -475,7 +470,6 @@ impl Agent {
             online,
             requested,
         });
-        self.trace(&format!("reporting cpu={cpu} online={online}"));
         if !self.opts.quiet {
             let mut line = format!("GUEST-CPU online={}", self.reported);
             if !online && !requested {
@@ -505,7 +499,6 @@ impl Agent {
                 Err(e) => answer(false, Some(e.to_string())),
             };
         }
-        self.trace(&format!("prepare_remove cpu={cpu}"));
         let refuse = self.refuse.remove(&cpu);
         let work = Arc::clone(self.workers.workload());
         work.set_online(cpu, false);
@@ -527,7 +520,6 @@ impl Agent {
             Ok(())
         })();
         self.workers_dirty = true;
-        self.trace(&format!("offlined cpu={cpu} ok={}", outcome.is_ok()));
         match outcome {
             Ok(()) => {
                 self.reconcile(cpu, true);

@@ -206,7 +206,9 @@ fn start(kind: Kind, cmdline: &str) -> Result<Vm> {
         Kind::Qemu => {
             let _ = std::fs::remove_file(QMP);
             let mut cmd = Command::new(QEMU);
-            cmd.args(["-enable-kvm", "-cpu", "host", "-smp"])
+            // -no-reboot: a guest that resets (it happens under nested
+            // hotplug churn) ends QEMU, and the part fails at once.
+            cmd.args(["-enable-kvm", "-no-reboot", "-cpu", "host", "-smp"])
                 .arg(format!("1,maxcpus={MAX}"))
                 .args(["-m", "256", "-nodefaults", "-no-user-config"])
                 .args(["-display", "none", "-serial", "stdio"])
@@ -393,8 +395,11 @@ fn qemu_del(vm: &mut Vm, count: u32) -> Result<()> {
     for _ in &ids {
         qmp.reply()?;
     }
+    // One bound for all of them (not STEP each: 7 x 30 s on a dead guest).
+    let deadline = Instant::now() + STEP;
     for id in &ids {
-        qmp.event("DEVICE_DELETED", &format!("\"device\":\"cpu{id}\""), STEP)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        qmp.event("DEVICE_DELETED", &format!("\"device\":\"cpu{id}\""), left)?;
     }
     Ok(())
 }
