@@ -127,6 +127,20 @@ pub fn conclude<T>(name: &str, result: Result<T>) -> Option<T> {
     }
 }
 
+/// Runs `scenario` on a VM of `spec` ([`crate::run`]), prints
+/// `E2E-TIME test=<name> ms=<elapsed>` when it passes, and ends like
+/// [`conclude`]: the skip line, or a panic with the error chain.
+pub fn run_test(
+    name: &str,
+    spec: &crate::VmSpec,
+    scenario: impl FnMut(&mut crate::RunningVm) -> std::result::Result<(), crate::BoxError>,
+) {
+    let start = std::time::Instant::now();
+    if conclude(name, crate::run(spec, scenario)).is_some() {
+        println!("E2E-TIME test={name} ms={}", start.elapsed().as_millis());
+    }
+}
+
 /// Adds context to I/O results.
 pub(crate) trait IoContext<T> {
     /// Wraps the error with what was being done.

@@ -24,7 +24,7 @@ pub mod sys;
 pub mod vm;
 
 pub use console::Echo;
-pub use error::{chain, conclude, skip, BoxError, Error, Result};
+pub use error::{chain, conclude, run_test, skip, BoxError, Error, Result};
 pub use host::HostKind;
 pub use vm::{
     launch, launch_host_job, launch_host_job_on, run, GuestKernel, HostJob, Matcher, RunningVm,

@@ -14,13 +14,6 @@ type TestResult<T = ()> = Result<T, e2e::BoxError>;
 const DESCRIPTORS: [&str; 3] = ["ksoftirqd", "rcuc", "watchdog"];
 const WAIT: Duration = Duration::from_secs(90);
 
-fn skip(reason: &str) {
-    if std::env::var_os("E2E_REQUIRE").is_some() {
-        panic!("E2E_REQUIRE is set but the test cannot run: {reason}");
-    }
-    println!("E2E-SKIP: {reason}");
-}
-
 /// Polls the workers view until `check` accepts it.
 fn eventually(
     client: &BlockingClient,
@@ -212,15 +205,5 @@ fn agent_workers_follow_the_topology() {
     let spec = e2e::VmSpec::new(2, 8)
         .timeout(Duration::from_secs(900))
         .vmm_arg("--test-hooks");
-    let start = Instant::now();
-    match e2e::run(&spec, scenario) {
-        Ok(()) => println!(
-            "E2E-TIME test=agent_workers_follow_the_topology ms={}",
-            start.elapsed().as_millis()
-        ),
-        Err(e) => match e.skip_reason() {
-            Some(why) => skip(&why),
-            None => panic!("agent scenario failed: {e}"),
-        },
-    }
+    e2e::run_test("agent_workers_follow_the_topology", &spec, scenario);
 }

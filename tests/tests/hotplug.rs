@@ -17,13 +17,6 @@ type TestResult<T = ()> = Result<T, e2e::BoxError>;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn skip(reason: &str) {
-    if std::env::var_os("E2E_REQUIRE").is_some() {
-        panic!("E2E_REQUIRE is set but the test cannot run: {reason}");
-    }
-    println!("E2E-SKIP: {reason}");
-}
-
 /// Parses a CPU list like "0-3,5" (stops at the first other character:
 /// console lines can be interleaved with other output).
 fn cpu_list(s: &str) -> BTreeSet<u32> {
@@ -366,17 +359,7 @@ fn concurrent_clients(vm: &RunningVm) -> TestResult {
 #[test]
 fn vcpu_hotplug_lifecycle() {
     let spec = e2e::VmSpec::new(1, 8).timeout(Duration::from_secs(600));
-    let start = Instant::now();
-    match e2e::run(&spec, lifecycle) {
-        Ok(()) => println!(
-            "E2E-TIME test=vcpu_hotplug_lifecycle ms={}",
-            start.elapsed().as_millis()
-        ),
-        Err(e) => match e.skip_reason() {
-            Some(why) => skip(&why),
-            None => panic!("hotplug lifecycle failed: {e}\n{}", e2e_log(&e)),
-        },
-    }
+    e2e::run_test("vcpu_hotplug_lifecycle", &spec, lifecycle);
 }
 
 /// Whole-VM resizes back to back, as a user scaling a guest up and down
@@ -429,21 +412,7 @@ fn churn(vm: &mut RunningVm) -> TestResult {
 #[test]
 fn vcpu_resize_churn() {
     let spec = e2e::VmSpec::new(1, 8).timeout(Duration::from_secs(900));
-    let start = Instant::now();
-    match e2e::run(&spec, churn) {
-        Ok(()) => println!(
-            "E2E-TIME test=vcpu_resize_churn ms={}",
-            start.elapsed().as_millis()
-        ),
-        Err(e) => match e.skip_reason() {
-            Some(why) => skip(&why),
-            None => panic!("resize churn failed: {e}\n{}", e2e_log(&e)),
-        },
-    }
-}
-
-fn e2e_log(e: &e2e::Error) -> String {
-    format!("{e:?}")
+    e2e::run_test("vcpu_resize_churn", &spec, churn);
 }
 
 #[test]
