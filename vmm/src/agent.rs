@@ -41,7 +41,8 @@ pub struct Mailbox {
     /// The guest rang a doorbell: it reads the ring, so host messages go
     /// there too.
     in_use: AtomicBool,
-    /// Doorbells whose ring had impossible counters (nothing was read).
+    /// Ring accesses that found impossible counters (nothing was read or
+    /// written): doorbells from the guest, sends to it.
     corrupt: AtomicU64,
 }
 
@@ -307,8 +308,11 @@ impl AgentLink {
                     }
                     Err(e) => {
                         // The guest wrote an impossible tail: keep the
-                        // bytes (the outbox bound fails later sends).
-                        log::warn!("agent: {e}");
+                        // bytes (the outbox bound fails later sends);
+                        // counted, and said once, not every retry.
+                        if mailbox.corrupt.fetch_add(1, Ordering::Relaxed) == 0 {
+                            log::warn!("agent: {e}");
+                        }
                         break;
                     }
                 }
@@ -473,5 +477,18 @@ mod tests {
         sink.write_all(&[DOORBELL, DOORBELL]).unwrap();
         assert!(rx.try_recv().is_err());
         assert_eq!(mailbox.corrupt_doorbells(), 2);
+        // A guest that wrote an impossible tail into the host's ring: the
+        // message stays queued (nothing written), no doorbell is rung.
+        // SAFETY: the tail counter of the mailbox's host -> guest ring.
+        unsafe { base.add(TO_GUEST + 12).cast::<u32>().write_volatile(u32::MAX / 2) };
+        let mut link = AgentLink::new().with_mailbox(Some(mailbox.clone()));
+        let mut fifo: Vec<u8> = Vec::new();
+        assert!(link.send(&HostMessage::Snapshot, |b| {
+            fifo.extend(b);
+            b.len()
+        }));
+        assert!(fifo.is_empty());
+        assert!(link.has_pending_output());
+        assert_eq!(mailbox.corrupt_doorbells(), 3);
     }
 }

@@ -95,7 +95,7 @@ impl ApiMetrics {
             ),
             (
                 "vmm_agent_mailbox_corrupt_total",
-                "Doorbells from the guest agent whose mailbox ring was corrupt (nothing read).",
+                "Accesses to the guest agent's mailbox rings that found them corrupt (nothing moved).",
                 vmm.agent_mailbox_corrupt,
             ),
         ];
