@@ -297,6 +297,12 @@ fn boot(kind: Kind, cfg: &Config, cmdline: &str, measure: bool) -> Result<Vm> {
         })?;
     if measure {
         emit("boot_ms", kind, ms(ready.at - vm.started));
+        // The guest's own uptime at ready: the rest of boot_ms is the
+        // VMM's start-up and the guest's earliest boot.
+        match crate::job::field(&ready.line, "up").and_then(|u| u.parse::<f64>().ok()) {
+            Some(up) => emit("boot_guest_uptime_ms", kind, up * 1000.0),
+            None => note(&format!("no guest uptime in {:?}", ready.line)),
+        }
         std::thread::sleep(Duration::from_millis(500));
         let (total, own) = rss(vm.child.id())?;
         emit("rss_total_mib", kind, total);
