@@ -480,7 +480,11 @@ mod tests {
         // A guest that wrote an impossible tail into the host's ring: the
         // message stays queued (nothing written), no doorbell is rung.
         // SAFETY: the tail counter of the mailbox's host -> guest ring.
-        unsafe { base.add(TO_GUEST + 12).cast::<u32>().write_volatile(u32::MAX / 2) };
+        unsafe {
+            base.add(TO_GUEST + 12)
+                .cast::<u32>()
+                .write_volatile(u32::MAX / 2)
+        };
         let mut link = AgentLink::new().with_mailbox(Some(mailbox.clone()));
         let mut fifo: Vec<u8> = Vec::new();
         assert!(link.send(&HostMessage::Snapshot, |b| {
