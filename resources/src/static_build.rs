@@ -47,11 +47,30 @@ pub enum BuildError {
     NotStatic(PathBuf),
 }
 
-/// The workspace root, found from this crate's manifest directory at
-/// compile time.
+/// The workspace root: the one cargo is running in now when there is one
+/// (`cargo run` and `cargo test` set `CARGO_MANIFEST_DIR` at run time to a
+/// member of it), else the one this crate was compiled in. The run-time
+/// answer matters when one target directory serves two checkouts: the
+/// compiled-in path may then be the other checkout's, whose VMM, agent and
+/// `testhost-init` would be built and tested instead.
 pub fn workspace_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    runtime_workspace_root(std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| {
+            let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+            manifest.parent().unwrap_or(manifest).to_path_buf()
+        })
+}
+
+/// This workspace's root from a member's (or the root's) manifest
+/// directory; `None` for another project.
+fn runtime_workspace_root(manifest_dir: Option<PathBuf>) -> Option<PathBuf> {
+    let dir = manifest_dir?;
+    let candidates = [Some(dir.clone()), dir.parent().map(Path::to_path_buf)];
+    candidates.into_iter().flatten().find(|d| {
+        d.join("resources").join("Cargo.toml").is_file()
+            && std::fs::read_to_string(d.join("Cargo.toml"))
+                .is_ok_and(|m| m.contains("[workspace]"))
+    })
 }
 
 /// The target directory static builds use.
@@ -131,6 +150,18 @@ mod tests {
         assert!(
             static_binary_path("x").ends_with("target/static/x86_64-unknown-linux-gnu/release/x")
         );
+    }
+
+    #[test]
+    fn the_running_checkout_wins_over_the_compiled_in_one() {
+        let root = workspace_root();
+        assert_eq!(
+            runtime_workspace_root(Some(root.join("tests"))),
+            Some(root.clone())
+        );
+        assert_eq!(runtime_workspace_root(Some(root.clone())), Some(root));
+        assert_eq!(runtime_workspace_root(Some(PathBuf::from("/proc"))), None);
+        assert_eq!(runtime_workspace_root(None), None);
     }
 
     #[test]
