@@ -37,6 +37,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use thiserror::Error;
 
+use crate::agent::{Line, LineDecoder};
+
 /// Guest-physical address of the mailbox: in the 32-bit MMIO hole, beside
 /// the hotplug registers, never RAM to the guest.
 pub const MAILBOX_GPA: u64 = 0xd001_0000;
@@ -219,6 +221,57 @@ pub fn segments(bytes: &[u8]) -> impl Iterator<Item = Segment<'_>> {
     })
 }
 
+/// The receiving side of one direction of the agent channel: the line
+/// decoder, fed with the UART's stream bytes and, at each doorbell, with
+/// what the ring holds. Without a ring every byte is stream data (a stray
+/// NUL then lands in a line that fails to decode and is dropped there).
+#[derive(Debug, Default)]
+pub struct Inbound {
+    decoder: LineDecoder,
+    ring_bytes: Vec<u8>,
+}
+
+/// What one batch of UART bytes yielded.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    /// Complete (or oversized) lines, in stream order.
+    pub lines: Vec<Line>,
+    /// Doorbells seen.
+    pub doorbells: u32,
+    /// Doorbells whose ring had impossible counters (nothing was read).
+    pub corrupt: u32,
+}
+
+impl Inbound {
+    /// Nothing received yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Decodes `bytes` read from the UART, draining `ring` at each doorbell.
+    pub fn receive(&mut self, bytes: &[u8], ring: Option<&Ring>) -> Received {
+        let mut got = Received::default();
+        let Some(ring) = ring else {
+            got.lines = self.decoder.push(bytes);
+            return got;
+        };
+        for segment in segments(bytes) {
+            match segment {
+                Segment::Data(data) => got.lines.extend(self.decoder.push(data)),
+                Segment::Doorbell => {
+                    got.doorbells += 1;
+                    self.ring_bytes.clear();
+                    if ring.pop_into(&mut self.ring_bytes).is_err() {
+                        got.corrupt += 1;
+                    }
+                    got.lines.extend(self.decoder.push(&self.ring_bytes));
+                }
+            }
+        }
+        got
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +350,28 @@ mod tests {
     fn no_magic_without_init() {
         let mut page = Page::new();
         assert!(!page.ring().has_magic());
+    }
+
+    #[test]
+    fn inbound_takes_uart_bytes_first_then_the_ring_at_the_doorbell() {
+        let mut page = Page::new();
+        let ring = page.ring();
+        ring.init();
+        ring.push(b"2}\n{\"c\":3}\n").unwrap();
+        let mut inbound = Inbound::new();
+        let got = inbound.receive(b"{\"b\":\0", Some(&ring));
+        assert_eq!(
+            got.lines,
+            [
+                Line::Complete(b"{\"b\":2}".to_vec()),
+                Line::Complete(b"{\"c\":3}".to_vec())
+            ]
+        );
+        assert_eq!((got.doorbells, got.corrupt), (1, 0));
+        // Without a ring a NUL is stream data.
+        let got = Inbound::new().receive(b"x\0y\n", None);
+        assert_eq!(got.lines, [Line::Complete(b"x\0y".to_vec())]);
+        assert_eq!(got.doorbells, 0);
     }
 
     #[test]

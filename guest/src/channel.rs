@@ -18,8 +18,8 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use api::agent::{Line, LineDecoder};
-use api::mailbox::{segments, Segment, DOORBELL};
+use api::agent::Line;
+use api::mailbox::{Inbound, DOORBELL};
 use thiserror::Error;
 
 use crate::mailbox::GuestMailbox;
@@ -61,13 +61,12 @@ pub enum ChannelError {
 #[derive(Debug)]
 pub struct Channel {
     fd: OwnedFd,
-    decoder: LineDecoder,
+    inbound: Inbound,
     out: Vec<u8>,
     dropped_out: u64,
     mailbox: Option<GuestMailbox>,
     /// Bytes went into the ring; their doorbell is not written yet.
     doorbell_owed: bool,
-    ring_bytes: Vec<u8>,
 }
 
 fn open_nonblocking(path: &Path) -> io::Result<OwnedFd> {
@@ -192,12 +191,11 @@ impl Channel {
     fn with_fd(fd: OwnedFd) -> Self {
         Self {
             fd,
-            decoder: LineDecoder::new(),
+            inbound: Inbound::new(),
             out: Vec::new(),
             dropped_out: 0,
             mailbox: None,
             doorbell_owed: false,
-            ring_bytes: Vec::new(),
         }
     }
 
@@ -298,32 +296,16 @@ impl Channel {
                     incoming.closed = true;
                     return Ok(incoming);
                 }
-                Ok(n) => self.take(&buf[..n], &mut incoming.lines),
+                Ok(n) => {
+                    // A corrupt ring (the VMM's; it never is) yields nothing.
+                    let ring = self.mailbox.as_ref().map(|m| &m.to_guest);
+                    incoming
+                        .lines
+                        .extend(self.inbound.receive(&buf[..n], ring).lines);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(incoming),
                 Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-impl Channel {
-    /// Decodes bytes read from the tty: stream bytes, and with the
-    /// mailbox, the ring's bytes at each doorbell.
-    fn take(&mut self, bytes: &[u8], lines: &mut Vec<Line>) {
-        let Some(mailbox) = &self.mailbox else {
-            lines.extend(self.decoder.push(bytes));
-            return;
-        };
-        for segment in segments(bytes) {
-            match segment {
-                Segment::Data(data) => lines.extend(self.decoder.push(data)),
-                Segment::Doorbell => {
-                    self.ring_bytes.clear();
-                    // A corrupt ring (it never is) yields nothing.
-                    let _ = mailbox.to_guest.pop_into(&mut self.ring_bytes);
-                    lines.extend(self.decoder.push(&self.ring_bytes));
-                }
             }
         }
     }

@@ -82,7 +82,8 @@ impl GuestMailbox {
     /// # Safety
     /// `base` must be 8-byte aligned and valid for reads and writes of
     /// `MAILBOX_SIZE` bytes for the mailbox's life.
-    pub unsafe fn over(base: *mut u8) -> Self {
+    #[cfg(test)]
+    pub(crate) unsafe fn over(base: *mut u8) -> Self {
         // SAFETY: the caller's contract covers both rings.
         let (to_guest, to_host) =
             unsafe { (Ring::new(base.add(TO_GUEST)), Ring::new(base.add(TO_HOST))) };

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::agent::{decode, encode, GuestMessage, HostMessage, Line, LineDecoder, WorkerInfo};
-use api::mailbox::{segments, Ring, Segment, DOORBELL, TO_GUEST, TO_HOST};
+use api::agent::{decode, encode, GuestMessage, HostMessage, Line, WorkerInfo};
+use api::mailbox::{Inbound, Ring, DOORBELL, TO_GUEST, TO_HOST};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::layout::AGENT_MAILBOX_BASE;
@@ -80,14 +80,6 @@ impl Mailbox {
         self.in_use.load(Ordering::Acquire)
     }
 
-    /// A doorbell from the guest: takes what its ring holds.
-    fn take(&self, out: &mut Vec<u8>) {
-        self.in_use.store(true, Ordering::Release);
-        if self.to_host.pop_into(out).is_err() {
-            self.corrupt.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Doorbells that found a corrupt ring.
     pub fn corrupt_doorbells(&self) -> u64 {
         self.corrupt.load(Ordering::Relaxed)
@@ -98,10 +90,9 @@ impl Mailbox {
 /// say the mailbox holds them), split into lines for the VMM thread.
 #[derive(Debug)]
 pub struct AgentSink {
-    decoder: LineDecoder,
+    inbound: Inbound,
     events: EventSender,
     mailbox: Option<Arc<Mailbox>>,
-    ring_bytes: Vec<u8>,
 }
 
 impl AgentSink {
@@ -109,42 +100,31 @@ impl AgentSink {
     /// doorbells.
     pub fn new(events: EventSender, mailbox: Option<Arc<Mailbox>>) -> Self {
         Self {
-            decoder: LineDecoder::new(),
+            inbound: Inbound::new(),
             events,
             mailbox,
-            ring_bytes: Vec::new(),
-        }
-    }
-
-    fn feed(&mut self, bytes: &[u8]) {
-        for line in self.decoder.push(bytes) {
-            self.events.send(VmEvent::AgentLine(match line {
-                Line::Complete(bytes) => Some(bytes),
-                Line::Oversized => None,
-            }));
         }
     }
 }
 
 impl Write for AgentSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for segment in segments(buf) {
-            match segment {
-                Segment::Data(bytes) => self.feed(bytes),
-                Segment::Doorbell => {
-                    // Without a mailbox a NUL is just a bad byte; the
-                    // decoder sees it and drops the line it lands in.
-                    let Some(mailbox) = self.mailbox.clone() else {
-                        self.feed(&[DOORBELL]);
-                        continue;
-                    };
-                    let mut bytes = std::mem::take(&mut self.ring_bytes);
-                    bytes.clear();
-                    mailbox.take(&mut bytes);
-                    self.feed(&bytes);
-                    self.ring_bytes = bytes;
-                }
+        let got = self
+            .inbound
+            .receive(buf, self.mailbox.as_deref().map(|m| &m.to_host));
+        if let Some(mailbox) = &self.mailbox {
+            if got.doorbells > 0 {
+                mailbox.in_use.store(true, Ordering::Release);
             }
+            mailbox
+                .corrupt
+                .fetch_add(u64::from(got.corrupt), Ordering::Relaxed);
+        }
+        for line in got.lines {
+            self.events.send(VmEvent::AgentLine(match line {
+                Line::Complete(bytes) => Some(bytes),
+                Line::Oversized => None,
+            }));
         }
         Ok(buf.len())
     }

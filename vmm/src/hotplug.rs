@@ -244,11 +244,9 @@ impl Hotplug {
     /// agent's prepare step for [`Route::Agent`] (the plain eject if the
     /// agent cannot be reached), else the ACPI eject.
     fn tell_guest(&mut self, id: u32, route: Route, now: Instant) -> Result<(), String> {
-        let own = usize::from(matches!(
-            self.removals.get(id as usize),
-            Some(Some(Removal::Preparing(_)))
-        ));
-        if route == Route::Agent && self.preparing() - own >= PREPARES_IN_FLIGHT {
+        // `id` itself is never being prepared here: a repeated request
+        // for a vCPU in the agent's hands is not re-sent (`resend_route`).
+        if route == Route::Agent && self.preparing() >= PREPARES_IN_FLIGHT {
             self.set_removal(id, Some(Removal::Queued));
             return Ok(());
         }
