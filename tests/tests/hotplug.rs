@@ -102,24 +102,19 @@ fn present(client: &BlockingClient) -> TestResult<BTreeSet<u32>> {
         .collect())
 }
 
-/// Runs a mutation; if the HTTP exchange itself broke (not an API answer),
-/// asks once more and says so: mutations are idempotent, so the repeat
-/// returns the same operation.
-fn mutate(
-    what: &str,
-    call: impl Fn() -> Result<MutationOutcome, ClientError>,
-) -> Result<MutationOutcome, ClientError> {
-    match call() {
+/// Runs one mutation that must succeed, printing its time. If the HTTP
+/// exchange itself broke (not an API answer), it is asked once more and
+/// said so: mutations are idempotent, so the repeat returns the same
+/// operation.
+fn step(what: &str, call: impl Fn() -> Result<MutationOutcome, ClientError>) -> TestResult<u64> {
+    let outcome = match call() {
         Err(e @ (ClientError::Http(_) | ClientError::Connect { .. })) => {
             println!("E2E-RETRY {what}: transport error: {}", e2e::chain(&e));
             call()
         }
         other => other,
     }
-}
-
-fn succeeded(what: &str, r: Result<MutationOutcome, ClientError>) -> TestResult<u64> {
-    let outcome = r.map_err(|e| format!("{what}: {}", e2e::chain(&e)))?;
+    .map_err(|e| format!("{what}: {}", e2e::chain(&e)))?;
     let op = outcome.operation();
     if op.status != OperationStatus::Succeeded {
         return Err(format!("{what}: operation ended {op:?}").into());
@@ -188,26 +183,17 @@ fn lifecycle(vm: &mut RunningVm) -> TestResult {
     wait_guest_online(vm, &set([0]))?;
     assert_eq!(present(&client)?, set([0]));
 
-    succeeded(
-        "resize 1->4",
-        mutate("resize 1->4", || client.resize(4, Some(WAIT))),
-    )?;
+    step("resize 1->4", || client.resize(4, Some(WAIT)))?;
     assert_eq!(present(&client)?, set(0..4));
     wait_guest_online(vm, &set(0..4))?;
     let fds_after_first_adds = metric(&client, "vmm_vcpu_fds_created_total")?;
 
-    succeeded(
-        "remove 3",
-        mutate("remove 3", || client.remove_vcpu(3, Some(WAIT))),
-    )?;
+    step("remove 3", || client.remove_vcpu(3, Some(WAIT)))?;
     assert_eq!(present(&client)?, set(0..3));
     wait_guest_online(vm, &set(0..3))?;
     assert!(metric(&client, "vmm_vcpu_hot_removes_total")? >= 1);
 
-    succeeded(
-        "add 3 again",
-        mutate("add 3 again", || client.add_vcpu(3, Some(WAIT))),
-    )?;
+    step("add 3 again", || client.add_vcpu(3, Some(WAIT)))?;
     wait_guest_online(vm, &set(0..4))?;
     let fds = metric(&client, "vmm_vcpu_fds_created_total")?;
     if fds != fds_after_first_adds {
@@ -217,15 +203,9 @@ fn lifecycle(vm: &mut RunningVm) -> TestResult {
     }
     assert!(metric(&client, "vmm_vcpu_fds_reused_total")? >= 1);
 
-    succeeded(
-        "resize 4->8",
-        mutate("resize 4->8", || client.resize(8, Some(WAIT))),
-    )?;
+    step("resize 4->8", || client.resize(8, Some(WAIT)))?;
     wait_guest_online(vm, &set(0..8))?;
-    succeeded(
-        "resize 8->1",
-        mutate("resize 8->1", || client.resize(1, Some(WAIT))),
-    )?;
+    step("resize 8->1", || client.resize(1, Some(WAIT)))?;
     assert_eq!(present(&client)?, set([0]));
     wait_guest_online(vm, &set([0]))?;
 
@@ -377,9 +357,9 @@ fn churn(vm: &mut RunningVm) -> TestResult {
     let mut fds_after_first = None;
     for cycle in 1..=cycles {
         let up = format!("cycle {cycle}: resize 1->8");
-        succeeded(&up, mutate(&up, || client.resize(8, Some(WAIT))))?;
+        step(&up, || client.resize(8, Some(WAIT)))?;
         let down = format!("cycle {cycle}: resize 8->1");
-        succeeded(&down, mutate(&down, || client.resize(1, Some(WAIT))))?;
+        step(&down, || client.resize(1, Some(WAIT)))?;
         assert_eq!(present(&client)?, set([0]));
         wait_guest_online(vm, &set([0]))?;
         let created = metric(&client, "vmm_vcpu_fds_created_total")?;

@@ -139,6 +139,14 @@ impl CpuManager {
         self.slots.get(id as usize).ok_or(CpuError::NoSuchVcpu(id))
     }
 
+    /// `WrongState` unless `id` is in state `want`.
+    fn expect_state(&self, id: u32, want: VcpuState) -> Result<(), CpuError> {
+        match self.slot(id)?.state {
+            state if state == want => Ok(()),
+            state => Err(CpuError::WrongState { id, state }),
+        }
+    }
+
     fn slot_mut(&mut self, id: u32) -> Result<&mut Slot, CpuError> {
         self.slots
             .get_mut(id as usize)
@@ -268,10 +276,7 @@ impl CpuManager {
     /// register block marks it inserting and the GED interrupt tells the
     /// guest to scan.
     pub fn begin_add(&mut self, id: u32) -> Result<(), CpuError> {
-        let state = self.slot(id)?.state;
-        if state != VcpuState::Absent {
-            return Err(CpuError::WrongState { id, state });
-        }
+        self.expect_state(id, VcpuState::Absent)?;
         let vcpu = self.take_vcpu(id)?;
         self.start(vcpu)?;
         let inserted = lock(&self.hotplug).controller.begin_insert(id);
@@ -288,13 +293,11 @@ impl CpuManager {
     /// Marks `id` as being removed without telling the guest through ACPI
     /// yet (the guest agent prepares the CPU first).
     pub fn reserve_remove(&mut self, id: u32) -> Result<(), CpuError> {
-        let state = self.slot(id)?.state;
+        self.slot(id)?;
         if id == 0 {
             return Err(CpuHotplugError::BootCpu.into());
         }
-        if state != VcpuState::Present {
-            return Err(CpuError::WrongState { id, state });
-        }
+        self.expect_state(id, VcpuState::Present)?;
         self.slot_mut(id)?.state = VcpuState::Removing;
         Ok(())
     }
@@ -304,10 +307,7 @@ impl CpuManager {
     /// scan; the guest offlines the CPU if needed and ejects it. Asking
     /// again re-sends the request.
     pub fn signal_remove(&mut self, id: u32) -> Result<(), CpuError> {
-        let state = self.slot(id)?.state;
-        if state != VcpuState::Removing {
-            return Err(CpuError::WrongState { id, state });
-        }
+        self.expect_state(id, VcpuState::Removing)?;
         {
             let mut h = lock(&self.hotplug);
             if h.controller.is_removal_pending(id) {
@@ -334,10 +334,7 @@ impl CpuManager {
     /// Gives up a removal the guest has not carried out: the vCPU stays
     /// present and usable.
     pub fn cancel_remove(&mut self, id: u32) -> Result<(), CpuError> {
-        let state = self.slot(id)?.state;
-        if state != VcpuState::Removing {
-            return Err(CpuError::WrongState { id, state });
-        }
+        self.expect_state(id, VcpuState::Removing)?;
         {
             let mut h = lock(&self.hotplug);
             if h.controller.is_removal_pending(id) {
@@ -351,10 +348,7 @@ impl CpuManager {
     /// Gives up an add the guest never confirmed: the thread is stopped and
     /// the slot is absent again (the fd kept).
     pub fn cancel_add(&mut self, id: u32) -> Result<(), CpuError> {
-        let state = self.slot(id)?.state;
-        if state != VcpuState::Adding {
-            return Err(CpuError::WrongState { id, state });
-        }
+        self.expect_state(id, VcpuState::Adding)?;
         self.stop_thread(id)?;
         let mut h = lock(&self.hotplug);
         let _ = h.controller.begin_remove(id);
