@@ -3,7 +3,7 @@
 //! loopback port (127.0.0.1, ephemeral) to the Unix socket.
 //!
 //! This test fails, loudly, when schemathesis is missing: install it with
-//! `pip install schemathesis` (CI does). `SCHEMATHESIS=/path/to/it`
+//! `scripts/deps python` (CI does). `SCHEMATHESIS=/path/to/it`
 //! overrides the command.
 
 use std::path::Path;
@@ -76,8 +76,17 @@ impl Drop for Forwarder {
     }
 }
 
+/// `$SCHEMATHESIS`, else the virtual environment `scripts/deps` makes
+/// (`.cache/venv`), else `schemathesis` on PATH.
 fn schemathesis() -> String {
-    std::env::var("SCHEMATHESIS").unwrap_or_else(|_| "schemathesis".into())
+    if let Ok(p) = std::env::var("SCHEMATHESIS") {
+        return p;
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/venv/bin/schemathesis");
+    if venv.exists() {
+        return venv.display().to_string();
+    }
+    "schemathesis".into()
 }
 
 #[test]
@@ -94,7 +103,7 @@ fn schemathesis_against_openapi_yaml() {
         ),
         Err(e) => panic!(
             "schemathesis is required for this test and could not be run ({program}: {e}); \
-             install it with `pip install schemathesis`"
+             run `scripts/deps python` (a virtual environment in .cache/venv)"
         ),
     }
     let h = Harness::start(Settle::After(Duration::from_millis(2)));
