@@ -52,7 +52,8 @@ fn no_script_installs_python_packages_outside_a_virtual_environment() {
     for script in ["scripts/deps", "scripts/test", "scripts/run-vm", ".ci/run"] {
         let text = std::fs::read_to_string(root().join(script)).unwrap();
         for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
-            let bare = line.contains("pip install") && !line.contains("\"$venv/bin/python\" -m pip");
+            let bare =
+                line.contains("pip install") && !line.contains("\"$venv/bin/python\" -m pip");
             assert!(!bare, "{script}: a pip install outside the venv: {line}");
         }
     }

@@ -32,5 +32,8 @@ pub mod kvm_check;
 pub mod layout;
 pub mod memory;
 pub mod vcpu;
+pub mod vcpu_id;
+
+pub use vcpu_id::VcpuId;
 pub mod vm;
 pub mod x86;
