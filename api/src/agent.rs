@@ -48,6 +48,9 @@ pub enum GuestMessage {
         version: String,
         /// CPUs online.
         online: Vec<u32>,
+        /// (vCPU id, Linux's logical number) of every CPU the guest knows.
+        #[serde(default)]
+        cpus: Vec<(u32, u32)>,
     },
     /// Still alive (sent every [`HEARTBEAT_MS`] while idle).
     Heartbeat,
@@ -55,6 +58,9 @@ pub enum GuestMessage {
     Cpu {
         /// CPU number.
         cpu: u32,
+        /// Linux's logical number for it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logical: Option<u32>,
         /// Its new state.
         online: bool,
         /// Whether the agent itself asked for it (false: forced offline).
@@ -71,6 +77,21 @@ pub enum GuestMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// Answer to [`HostMessage::CancelRemove`].
+    Restored {
+        /// CPU number.
+        cpu: u32,
+        /// The CPU is online with its workers unparked.
+        ok: bool,
+        /// Why not, when `ok` is false.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// The agent failed and is about to power the guest off.
+    Fatal {
+        /// Why.
+        reason: String,
+    },
     /// Every worker thread and the per-CPU work counters.
     Workers {
         /// The worker threads.
@@ -86,6 +107,12 @@ pub enum GuestMessage {
 pub enum HostMessage {
     /// Park the CPU's workers and take it offline; answer `prepared`.
     PrepareRemove {
+        /// CPU number.
+        cpu: u32,
+    },
+    /// The VMM gave up a removal: bring the CPU back online, unpark its
+    /// workers, answer `restored`.
+    CancelRemove {
         /// CPU number.
         cpu: u32,
     },
@@ -234,10 +261,12 @@ mod tests {
             GuestMessage::Ready {
                 version: "0.1.0".into(),
                 online: vec![0, 1],
+                cpus: vec![(0, 0), (1, 1)],
             },
             GuestMessage::Heartbeat,
             GuestMessage::Cpu {
                 cpu: 3,
+                logical: Some(2),
                 online: false,
                 requested: false,
             },

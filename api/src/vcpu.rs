@@ -16,11 +16,21 @@ pub enum VcpuState {
     Present,
     /// Hot-remove requested; the guest has not yet ejected it.
     Removing,
+    /// Its thread did not stop when asked (after an eject, or undoing an
+    /// add): the VMM cannot reuse it until a later request (an add or a
+    /// removal of this id) retries the join.
+    Stuck,
 }
 
 impl VcpuState {
     /// Every variant.
-    pub const ALL: [VcpuState; 4] = [Self::Absent, Self::Adding, Self::Present, Self::Removing];
+    pub const ALL: [VcpuState; 5] = [
+        Self::Absent,
+        Self::Adding,
+        Self::Present,
+        Self::Removing,
+        Self::Stuck,
+    ];
 
     /// Whether an operation on this vCPU is in flight.
     pub fn in_flight(self) -> bool {
@@ -35,6 +45,7 @@ impl std::fmt::Display for VcpuState {
             Self::Adding => "adding",
             Self::Present => "present",
             Self::Removing => "removing",
+            Self::Stuck => "stuck",
         })
     }
 }
@@ -49,6 +60,10 @@ pub struct VcpuInfo {
     /// Whether the guest has it online; absent until the guest has said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_online: Option<bool>,
+    /// Linux's logical CPU number for it (`cpuN` in the guest), which is
+    /// not its id; absent until the guest agent has said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cpu: Option<u32>,
     /// The guest's worker threads for this CPU, from the agent's last
     /// snapshot; absent until the agent has sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

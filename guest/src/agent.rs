@@ -263,6 +263,7 @@ impl Agent {
         agent.send(GuestMessage::Ready {
             version: cfg.version,
             online,
+            cpus: Vec::new(),
         });
         if agent.opts.autoonline {
             let present = agent.topo.present_cpus()?;
@@ -467,6 +468,7 @@ impl Agent {
         }
         self.send(GuestMessage::Cpu {
             cpu,
+            logical: None,
             online,
             requested,
         });
@@ -557,6 +559,7 @@ impl Agent {
         match msg {
             // A silenced agent plays hung: it acts on nothing the VMM asks.
             HostMessage::PrepareRemove { .. } | HostMessage::Snapshot if self.silenced => {}
+            HostMessage::CancelRemove { .. } => {}
             HostMessage::PrepareRemove { cpu } => {
                 // The answer goes ahead of the `cpu` report the offline
                 // queued: the VMM's next step waits on the answer alone.

@@ -48,6 +48,7 @@ fn booted(tag: &str) -> Rig {
 fn cpu_msg(cpu: u32, online: bool, requested: bool) -> GuestMessage {
     GuestMessage::Cpu {
         cpu,
+        logical: None,
         online,
         requested,
     }
@@ -162,7 +163,8 @@ fn start_says_ready_and_registers_the_workers() {
         out.host,
         [GuestMessage::Ready {
             version: "9.9.9".into(),
-            online: vec![0, 1]
+            online: vec![0, 1],
+            cpus: Vec::new(),
         }]
     );
     assert_eq!(out.console.len(), 3, "{:?}", out.console);

@@ -31,6 +31,35 @@ pub enum ConfigError {
     /// `--serial` could not be parsed.
     #[error("invalid --serial {0:?}: expected stdout, off or file:PATH")]
     SerialSyntax(String),
+    /// `--hotplug-timeouts` could not be parsed.
+    #[error(
+        "invalid --hotplug-timeouts {0:?}: expected KEY=SECONDS,... with keys \
+         add, prepare, eject, restore and 0.1 <= SECONDS <= 3600"
+    )]
+    TimeoutsSyntax(String),
+}
+
+/// Parses `--hotplug-timeouts add=30,prepare=10,eject=30,restore=10`
+/// (seconds, fractions allowed; keys left out keep their default).
+pub fn parse_timeouts(s: &str) -> Result<crate::hotplug::Timeouts, ConfigError> {
+    let bad = || ConfigError::TimeoutsSyntax(s.to_owned());
+    let mut t = crate::hotplug::Timeouts::default();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = part.split_once('=').ok_or_else(bad)?;
+        let secs: f64 = value.trim().parse().map_err(|_| bad())?;
+        if !(0.1..=3600.0).contains(&secs) {
+            return Err(bad());
+        }
+        let d = std::time::Duration::from_secs_f64(secs);
+        match key.trim() {
+            "add" => t.add = d,
+            "prepare" => t.prepare = d,
+            "eject" => t.eject = d,
+            "restore" => t.restore = d,
+            _ => return Err(bad()),
+        }
+    }
+    Ok(t)
 }
 
 /// Boot and maximum vCPU counts.
@@ -131,11 +160,24 @@ pub struct VmConfig {
     /// Serve the test-hook API routes (fault injection) and honour them:
     /// for end-to-end tests only. Off, those routes answer 404.
     pub test_hooks: bool,
+    /// How long the guest has for each hotplug step.
+    pub timeouts: crate::hotplug::Timeouts,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_parse() {
+        let t = parse_timeouts("add=5,eject=2.5").unwrap();
+        assert_eq!(t.add, std::time::Duration::from_secs(5));
+        assert_eq!(t.eject, std::time::Duration::from_millis(2500));
+        assert_eq!(t.prepare, crate::hotplug::Timeouts::default().prepare);
+        for bad in ["add", "add=x", "add=0", "add=1e9", "nap=3", "add=-1"] {
+            assert!(parse_timeouts(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cpus_syntax() {

@@ -1,41 +1,46 @@
 //! The typed boundary between the API thread and the VMM thread.
 //!
-//! The API thread turns each HTTP request into an [`Action`], wraps it in a
-//! [`Request`] that carries its own reply channel, pushes it through a
-//! [`ControlSender`] (a std channel plus an `EventFd` that wakes the VMM's
-//! event loop) and awaits the [`Reply`]. The VMM thread owns the
-//! [`ControlReceiver`]: when the eventfd is readable it calls
-//! [`ControlReceiver::drain`] and answers every request without blocking.
+//! The API thread parses each HTTP request into an [`Action`] (what it
+//! asks), then sends the VMM thread a [`Request`] whose variant carries a
+//! reply sender of exactly its answer's type (crosvm's pattern): a
+//! [`Query`] is answered from the VMM's views, a [`Request::Mutate`] with
+//! a [`Mutation`] or an error. A [`ControlSender`] is a std channel plus an
+//! `EventFd` that wakes the VMM's event loop; the VMM thread owns the
+//! [`ControlReceiver`] and drains it without blocking.
 //!
-//! Mutations answer at once with a [`Mutation`]. A started one carries a
-//! `watch` receiver of its [`Operation`], so `?wait=SECONDS` is awaited on
-//! the API thread and never blocks or polls the VMM thread.
+//! Mutations answer at once. A started one carries a `watch` receiver of
+//! its [`Operation`], so `?wait=SECONDS` is awaited on the API thread and
+//! never blocks or polls the VMM thread.
 //!
-//! The VMM side keeps its operations in an [`OperationTable`] and can plan
-//! a mutation with [`plan()`] (in `control/plan.rs`), which encodes the
+//! The VMM side keeps its operations in an [`OperationTable`] and plans a
+//! [`Change`] with [`plan()`] (in `control/plan.rs`), which encodes the
 //! API's rules (lowest absent ids are added, highest present ones removed,
 //! vCPU 0 stays, repeating a request in flight is not an error).
 //!
 //! ```
 //! use api::VcpuState;
-//! use vmm::control::{self, Action, OperationTable, Reply};
+//! use vmm::control::{self, Change, OperationTable, Query, Request};
 //!
 //! let (sender, receiver) = control::channel().unwrap();
 //! let (mut states, mut table) = (vec![VcpuState::Present, VcpuState::Absent], OperationTable::new());
-//! let _answer = sender.send(Action::AddVcpu(1)).unwrap(); // on the API thread
+//! let now = std::time::Instant::now();
+//! // API thread: `sender.ask(|reply| Request::Mutate { change: Change::Add(1), reply })`.
+//! let (reply, _answer) = tokio::sync::oneshot::channel();
+//! sender.send(Request::Mutate { change: Change::Add(1), reply }).unwrap();
 //! // VMM thread, when `receiver.wake_fd()` is readable:
 //! for request in receiver.drain() {
-//!     let reply = match control::plan(request.action, &states) {
-//!         Some(Ok(plan)) => {
-//!             let mutation = table.track(&plan);
-//!             plan.add.iter().for_each(|&id| states[id as usize] = VcpuState::Adding);
-//!             plan.remove.iter().for_each(|&id| states[id as usize] = VcpuState::Removing);
-//!             Reply::Mutation(mutation) // then start the hot-adds and removals
+//!     match request {
+//!         Request::Mutate { change, reply } => {
+//!             let answer = control::plan(change, &states).map(|plan| {
+//!                 let mutation = table.track(&plan, now);
+//!                 plan.add.iter().for_each(|&id| states[id as usize] = VcpuState::Adding);
+//!                 mutation // then start the hot-adds and removals
+//!             });
+//!             control::respond(reply, answer);
 //!         }
-//!         Some(Err(error)) => Reply::Error(error),
-//!         None => table.reply(0), // GetVm, GetVcpus, ... answered from VMM state
-//!     };
-//!     request.respond(reply);
+//!         Request::Query(Query::Operation { id, reply }) => control::respond(reply, table.get(id)),
+//!         _ => {} // other queries are answered from the VMM's views
+//!     }
 //! }
 //! // Later the guest has vCPU 1 online: every operation waiting for it advances.
 //! states[1] = VcpuState::Present;
@@ -50,37 +55,36 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use api::{ApiError, ErrorCode, FaultKind, Operation, OperationStatus};
+use api::{ApiError, FaultKind, Operation, OperationStatus};
 use tokio::sync::{oneshot, watch};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use plan::{plan, Plan};
 
-/// What the API asks of the VMM.
+/// What an API request asks, as the router parsed it; the router turns
+/// it into a typed [`Request`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// `GET /api/v1/vm`: answer [`Reply::Vm`].
+    /// `GET /api/v1/vm`.
     GetVm,
-    /// `GET /api/v1/vcpus`: answer [`Reply::Vcpus`].
+    /// `GET /api/v1/vcpus`.
     GetVcpus,
-    /// `PUT /api/v1/vcpus`: answer [`Reply::Mutation`].
+    /// `PUT /api/v1/vcpus`.
     Resize {
         /// How many vCPUs should be present.
         desired: u32,
     },
-    /// `PUT /api/v1/vcpus/{id}`: answer [`Reply::Mutation`].
+    /// `PUT /api/v1/vcpus/{id}`.
     AddVcpu(u32),
-    /// `DELETE /api/v1/vcpus/{id}`: answer [`Reply::Mutation`].
+    /// `DELETE /api/v1/vcpus/{id}`.
     RemoveVcpu(u32),
-    /// `GET /api/v1/operations/{id}`: answer [`Reply::Operation`].
+    /// `GET /api/v1/operations/{id}`.
     GetOperation(u64),
-    /// `GET /api/v1/metrics`: answer [`Reply::Metrics`].
+    /// `GET /api/v1/metrics`.
     GetMetrics,
-    /// `GET /api/v1/guest/workers`: answer [`Reply::Workers`].
+    /// `GET /api/v1/guest/workers`.
     GetWorkers,
-    /// `POST /api/v1/test/faults` (test hook): answer
-    /// [`Reply::FaultInjected`]. A VMM without test hooks answers
-    /// `not_found`, as for an unknown path.
+    /// `POST /api/v1/test/faults` (test hook).
     InjectFault {
         /// What to break.
         fault: FaultKind,
@@ -89,42 +93,83 @@ pub enum Action {
     },
 }
 
-/// One control message; it carries the channel its answer goes back on.
-#[derive(Debug)]
-pub struct Request {
-    /// What is asked.
-    pub action: Action,
-    /// Where the answer goes.
-    pub reply: oneshot::Sender<Reply>,
+/// A change of the vCPU set, as the API asks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// `PUT /api/v1/vcpus`: make this many vCPUs present.
+    Resize {
+        /// How many vCPUs should be present.
+        desired: u32,
+    },
+    /// `PUT /api/v1/vcpus/{id}`.
+    Add(u32),
+    /// `DELETE /api/v1/vcpus/{id}`.
+    Remove(u32),
 }
 
-impl Request {
-    /// Send the answer. A client that has gone away is not an error.
-    pub fn respond(self, reply: Reply) {
-        let _ = self.reply.send(reply);
+impl Action {
+    /// The change this action asks for, if it is a mutation.
+    pub fn change(self) -> Option<Change> {
+        match self {
+            Self::Resize { desired } => Some(Change::Resize { desired }),
+            Self::AddVcpu(id) => Some(Change::Add(id)),
+            Self::RemoveVcpu(id) => Some(Change::Remove(id)),
+            _ => None,
+        }
     }
 }
 
-/// The VMM's answer to a [`Request`]. Any action may be answered with
-/// [`Reply::Error`].
+/// Where one answer goes: each request carries the sender for exactly the
+/// type of its answer, so no answer can be of the wrong kind.
+pub type Responder<T> = oneshot::Sender<T>;
+
+/// A question about the VM: answered from the VMM's views, never fails.
 #[derive(Debug)]
-pub enum Reply {
-    /// For [`Action::GetVm`].
-    Vm(api::VmInfo),
-    /// For [`Action::GetVcpus`].
-    Vcpus(api::VcpuList),
-    /// For resize, add and remove.
-    Mutation(Mutation),
-    /// For [`Action::GetOperation`].
-    Operation(Operation),
-    /// For [`Action::GetMetrics`].
-    Metrics(VmmMetrics),
-    /// For [`Action::GetWorkers`].
-    Workers(api::GuestWorkers),
-    /// For [`Action::InjectFault`].
-    FaultInjected(api::FaultInjected),
-    /// The request cannot be done; the code decides the HTTP status.
-    Error(ApiError),
+pub enum Query {
+    /// `GET /api/v1/vm`.
+    Vm(Responder<api::VmInfo>),
+    /// `GET /api/v1/vcpus`.
+    Vcpus(Responder<api::VcpuList>),
+    /// `GET /api/v1/operations/{id}`: `None` if unknown.
+    Operation {
+        /// The operation.
+        id: u64,
+        /// Where the answer goes.
+        reply: Responder<Option<Operation>>,
+    },
+    /// `GET /api/v1/metrics`.
+    Metrics(Responder<VmmMetrics>),
+    /// `GET /api/v1/guest/workers`.
+    Workers(Responder<api::GuestWorkers>),
+}
+
+/// One control message from the API thread to the VMM thread.
+#[derive(Debug)]
+pub enum Request {
+    /// A question.
+    Query(Query),
+    /// A change of the vCPU set.
+    Mutate {
+        /// What to change.
+        change: Change,
+        /// Where the answer goes.
+        reply: Responder<Result<Mutation, ApiError>>,
+    },
+    /// `POST /api/v1/test/faults` (test hook). A VMM without test hooks
+    /// answers `not_found`, as for an unknown path.
+    InjectFault {
+        /// What to break.
+        fault: FaultKind,
+        /// The vCPU it applies to (checked against the fault's needs).
+        cpu: Option<u32>,
+        /// Where the answer goes.
+        reply: Responder<Result<api::FaultInjected, ApiError>>,
+    },
+}
+
+/// Sends an answer. A client that has gone away is not an error.
+pub fn respond<T>(reply: Responder<T>, answer: T) {
+    let _ = reply.send(answer);
 }
 
 /// What a resize, add or remove led to.
@@ -164,6 +209,13 @@ pub struct VmmMetrics {
     /// Doorbells from the guest agent whose mailbox ring had impossible
     /// counters (nothing was read from it).
     pub agent_mailbox_corrupt: u64,
+    /// vCPUs whose thread did not stop when asked (a gauge).
+    pub stuck_vcpus: u64,
+    /// Mutations that repeated a change already in flight (joined it).
+    pub repeated_requests: u64,
+    /// Guest-driven events the VMM thread dropped because its queue was
+    /// full (a guest flooding a channel).
+    pub guest_events_dropped: u64,
 }
 
 /// Why a control message could not be exchanged.
@@ -205,20 +257,23 @@ pub struct ControlSender {
 }
 
 impl ControlSender {
-    /// Queue `action`, wake the VMM thread and return where the reply will
-    /// arrive.
-    pub fn send(&self, action: Action) -> Result<oneshot::Receiver<Reply>, ControlError> {
-        let (reply, answer) = oneshot::channel();
+    /// Queue `request` and wake the VMM thread.
+    pub fn send(&self, request: Request) -> Result<(), ControlError> {
         self.tx
-            .send(Request { action, reply })
+            .send(request)
             .map_err(|_| ControlError::Disconnected)?;
-        self.wake.write(1).map_err(ControlError::Wake)?;
-        Ok(answer)
+        self.wake.write(1).map_err(ControlError::Wake)
     }
 
-    /// Send `action` and await the reply.
-    pub async fn call(&self, action: Action) -> Result<Reply, ControlError> {
-        self.send(action)?.await.map_err(|_| ControlError::NoReply)
+    /// Send the request `make` builds around a reply sender, and await
+    /// the answer.
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(Responder<T>) -> Request,
+    ) -> Result<T, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(make(reply))?;
+        answer.await.map_err(|_| ControlError::NoReply)
     }
 }
 
@@ -275,6 +330,8 @@ struct Entry {
     progress: watch::Sender<Operation>,
     pending: BTreeSet<u32>,
     started: Instant,
+    /// Past this the operation fails, whatever its vCPUs are doing.
+    deadline: Instant,
 }
 
 impl Default for OperationTable {
@@ -286,6 +343,9 @@ impl Default for OperationTable {
 impl OperationTable {
     /// How many finished operations [`OperationTable::new`] keeps.
     pub const DEFAULT_KEEP_FINISHED: usize = 256;
+    /// Every operation's total deadline: a backstop above the per-vCPU
+    /// timeouts, so no operation runs forever.
+    pub const DEADLINE: Duration = Duration::from_secs(120);
 
     /// An empty table keeping [`Self::DEFAULT_KEEP_FINISHED`] finished
     /// operations.
@@ -309,7 +369,7 @@ impl OperationTable {
     /// A running operation of the same kind, count and vCPUs: that one
     /// again (so repeating a request is idempotent). Otherwise a new
     /// running operation. Call it before starting the plan's changes.
-    pub fn track(&mut self, plan: &Plan) -> Mutation {
+    pub fn track(&mut self, plan: &Plan, now: Instant) -> Mutation {
         if let Some(entry) = self.entries.values().find(|e| {
             let op = e.progress.borrow();
             op.status == OperationStatus::Running
@@ -340,11 +400,12 @@ impl OperationTable {
             Entry {
                 progress,
                 pending: plan.wait_for.iter().copied().collect(),
-                started: Instant::now(),
+                started: now,
+                deadline: now + Self::DEADLINE,
             },
         );
         if plan.wait_for.is_empty() {
-            let done = self.finish(id, OperationStatus::Succeeded, None);
+            let done = self.finish(id, OperationStatus::Succeeded, None, now);
             return Mutation::Unchanged(done.unwrap_or(operation));
         }
         Mutation::Started {
@@ -358,15 +419,32 @@ impl OperationTable {
         self.entries.get(&id).map(|e| e.progress.borrow().clone())
     }
 
-    /// The reply to [`Action::GetOperation`].
-    pub fn reply(&self, id: u64) -> Reply {
-        match self.get(id) {
-            Some(op) => Reply::Operation(op),
-            None => Reply::Error(ApiError::new(
-                ErrorCode::OperationNotFound,
-                format!("no operation {id}"),
-            )),
+    /// Whether a running operation waits for `vcpu`.
+    pub fn waits_for(&self, vcpu: u32) -> bool {
+        self.entries.values().any(|e| e.pending.contains(&vcpu))
+    }
+
+    /// Fails every running operation whose total deadline passed; returns
+    /// the next deadline of those still running.
+    pub fn expire(&mut self, now: Instant) -> Option<Instant> {
+        let late: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.pending.is_empty() && e.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            let reason = format!(
+                "the operation did not finish within {} s",
+                Self::DEADLINE.as_secs()
+            );
+            self.finish(id, OperationStatus::Failed, Some(reason), now);
         }
+        self.entries
+            .values()
+            .filter(|e| !e.pending.is_empty())
+            .map(|e| e.deadline)
+            .min()
     }
 
     /// The ids of the running operations, ascending.
@@ -389,7 +467,7 @@ impl OperationTable {
             }
         }
         for id in done {
-            self.finish(id, OperationStatus::Succeeded, None);
+            self.finish(id, OperationStatus::Succeeded, None, Instant::now());
         }
     }
 
@@ -407,20 +485,24 @@ impl OperationTable {
                 id,
                 OperationStatus::Failed,
                 Some(format!("vCPU {vcpu}: {reason}")),
+                Instant::now(),
             );
         }
     }
 
     /// Attach a note about `vcpu` (e.g. how it was done) to every running
-    /// operation waiting for it; the note stays in `reason` on success.
+    /// operation waiting for it; the note stays in `reason` on success. A
+    /// note an operation already has is not added again, so a repeated
+    /// request never grows it.
     pub fn vcpu_note(&mut self, vcpu: u32, note: &str) {
+        let line = format!("vCPU {vcpu}: {note}");
         for entry in self.entries.values_mut() {
-            if entry.pending.contains(&vcpu) {
+            let has = |op: &Operation| op.reason.as_deref().is_some_and(|r| r.contains(&line));
+            if entry.pending.contains(&vcpu) && !has(&entry.progress.borrow()) {
                 entry.progress.send_modify(|op| {
-                    let line = format!("vCPU {vcpu}: {note}");
                     op.reason = Some(match op.reason.take() {
                         Some(prev) => format!("{prev}; {line}"),
-                        None => line,
+                        None => line.clone(),
                     });
                 });
             }
@@ -430,7 +512,12 @@ impl OperationTable {
     /// Fail every running operation (e.g. the VM is shutting down).
     pub fn fail_all(&mut self, reason: &str) {
         for id in self.running() {
-            self.finish(id, OperationStatus::Failed, Some(reason.to_owned()));
+            self.finish(
+                id,
+                OperationStatus::Failed,
+                Some(reason.to_owned()),
+                Instant::now(),
+            );
         }
     }
 
@@ -440,13 +527,15 @@ impl OperationTable {
         id: u64,
         status: OperationStatus,
         reason: Option<String>,
+        now: Instant,
     ) -> Option<Operation> {
         let entry = self.entries.get_mut(&id)?;
         if entry.progress.borrow().status.is_finished() {
             return None;
         }
         entry.pending.clear();
-        let elapsed = u64::try_from(entry.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let elapsed = now.saturating_duration_since(entry.started);
+        let elapsed = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         entry.progress.send_modify(|op| {
             op.status = status;
             if let Some(r) = reason {
@@ -483,7 +572,7 @@ mod tests {
     use api::VcpuState::{Absent as A, Adding as D, Present as P};
 
     fn resize(states: &[api::VcpuState], desired: u32) -> Result<Plan, ApiError> {
-        plan(Action::Resize { desired }, states).unwrap()
+        plan(Change::Resize { desired }, states)
     }
 
     fn started(m: Mutation) -> (Operation, watch::Receiver<Operation>) {
@@ -500,14 +589,15 @@ mod tests {
     fn table_tracks_and_fans_out() {
         let mut table = OperationTable::new();
         let grow = resize(&[P, A, A], 3).unwrap();
-        let (op, progress) = started(table.track(&grow));
+        let (op, progress) = started(table.track(&grow, Instant::now()));
         assert_eq!(op.status, OperationStatus::Running);
         assert_eq!(op.vcpus, vec![1, 2]);
         // Repeating the same request joins the same operation.
-        let (again, _) = started(table.track(&resize(&[P, D, D], 3).unwrap()));
+        let (again, _) = started(table.track(&resize(&[P, D, D], 3).unwrap(), Instant::now()));
         assert_eq!(again.id, op.id);
         // A single add of a vCPU in flight waits for it too.
-        let (single, single_progress) = started(table.track(&plan_add(&[P, D, D], 2).unwrap()));
+        let (single, single_progress) =
+            started(table.track(&plan_add(&[P, D, D], 2).unwrap(), Instant::now()));
         assert_ne!(single.id, op.id);
         table.vcpu_done(2);
         assert_eq!(single_progress.borrow().status, OperationStatus::Succeeded);
@@ -523,7 +613,8 @@ mod tests {
     #[test]
     fn table_failures_and_unchanged() {
         let mut table = OperationTable::new();
-        let (op, progress) = started(table.track(&plan_remove(&[P, P], 1).unwrap()));
+        let (op, progress) =
+            started(table.track(&plan_remove(&[P, P], 1).unwrap(), Instant::now()));
         table.vcpu_failed(1, "guest did not eject it");
         let failed = progress.borrow().clone();
         assert_eq!(failed.status, OperationStatus::Failed);
@@ -534,19 +625,16 @@ mod tests {
         // A later result for the same vCPU does not resurrect it.
         table.vcpu_done(1);
         assert_eq!(table.get(op.id).unwrap().status, OperationStatus::Failed);
-        match table.track(&plan_remove(&[P, A], 1).unwrap()) {
+        match table.track(&plan_remove(&[P, A], 1).unwrap(), Instant::now()) {
             Mutation::Unchanged(op) => {
                 assert_eq!(op.status, OperationStatus::Succeeded);
                 assert!(op.is_noop());
-                assert!(matches!(table.reply(op.id), Reply::Operation(_)));
+                assert!(table.get(op.id).is_some());
             }
             Mutation::Started { .. } => panic!("expected unchanged"),
         }
-        match table.reply(999) {
-            Reply::Error(e) => assert_eq!(e.code, ErrorCode::OperationNotFound),
-            other => panic!("{other:?}"),
-        }
-        let (_, progress) = started(table.track(&plan_add(&[P, A], 1).unwrap()));
+        assert!(table.get(999).is_none());
+        let (_, progress) = started(table.track(&plan_add(&[P, A], 1).unwrap(), Instant::now()));
         table.fail_all("shutting down");
         assert_eq!(progress.borrow().reason.as_deref(), Some("shutting down"));
     }
@@ -556,7 +644,7 @@ mod tests {
         let mut table = OperationTable::with_capacity(2);
         let noop = plan_add(&[P], 0).unwrap();
         let ids: Vec<u64> = (0..3)
-            .map(|_| match table.track(&noop) {
+            .map(|_| match table.track(&noop, Instant::now()) {
                 Mutation::Unchanged(op) => op.id,
                 Mutation::Started { .. } => panic!("expected unchanged"),
             })
@@ -564,25 +652,46 @@ mod tests {
         assert!(table.get(ids[0]).is_none());
         assert!(table.get(ids[1]).is_some() && table.get(ids[2]).is_some());
         // Running operations are never forgotten.
-        let (op, _) = started(table.track(&plan_add(&[P, A], 1).unwrap()));
+        let (op, _) = started(table.track(&plan_add(&[P, A], 1).unwrap(), Instant::now()));
         for _ in 0..3 {
-            table.track(&noop);
+            table.track(&noop, Instant::now());
         }
         assert!(table.get(op.id).is_some());
     }
 
     #[test]
+    fn notes_are_not_repeated_and_operations_have_a_deadline() {
+        let mut table = OperationTable::new();
+        let t0 = Instant::now();
+        let (op, progress) = started(table.track(&plan_remove(&[P, P], 1).unwrap(), t0));
+        for _ in 0..5 {
+            table.vcpu_note(1, "asked again");
+        }
+        assert_eq!(
+            progress.borrow().reason.as_deref(),
+            Some("vCPU 1: asked again")
+        );
+        assert_eq!(table.expire(t0), Some(t0 + OperationTable::DEADLINE));
+        assert_eq!(table.expire(t0 + OperationTable::DEADLINE), None);
+        let op = table.get(op.id).unwrap();
+        assert_eq!(op.status, OperationStatus::Failed);
+        assert!(op.reason.unwrap().contains("did not finish within"));
+    }
+
+    fn ask_vm(sender: &ControlSender) -> oneshot::Receiver<api::VmInfo> {
+        let (reply, answer) = oneshot::channel();
+        sender.send(Request::Query(Query::Vm(reply))).unwrap();
+        answer
+    }
+
+    #[test]
     fn channel_wakes_and_drains() {
         let (sender, receiver) = channel().unwrap();
-        let _a = sender.send(Action::GetVm).unwrap();
-        let _b = sender.send(Action::GetMetrics).unwrap();
+        let _a = ask_vm(&sender);
+        let _b = ask_vm(&sender);
         assert_eq!(receiver.wake_fd().read().unwrap(), 2);
-        let _c = sender.send(Action::GetVcpus).unwrap();
-        let actions: Vec<Action> = receiver.drain().map(|r| r.action).collect();
-        assert_eq!(
-            actions,
-            vec![Action::GetVm, Action::GetMetrics, Action::GetVcpus]
-        );
+        let _c = ask_vm(&sender);
+        assert_eq!(receiver.drain().count(), 3);
         // drain() cleared the eventfd.
         assert!(receiver.wake_fd().read().is_err());
         assert!(receiver
@@ -592,23 +701,32 @@ mod tests {
     }
 
     #[test]
-    fn reply_travels_back_and_disconnect_is_reported() {
+    fn typed_answers_travel_back_and_disconnect_is_reported() {
         let (sender, receiver) = channel().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let answer = sender.send(Action::GetOperation(3)).unwrap();
-        let request = receiver.drain().next().unwrap();
-        assert_eq!(request.action, Action::GetOperation(3));
-        request.respond(Reply::Metrics(VmmMetrics::default()));
-        assert!(matches!(rt.block_on(answer), Ok(Reply::Metrics(_))));
+        let ask = sender.ask(|reply| Request::Query(Query::Operation { id: 3, reply }));
+        let serve = async {
+            tokio::task::yield_now().await;
+            match receiver.drain().next() {
+                Some(Request::Query(Query::Operation { id, reply })) => {
+                    assert_eq!(id, 3);
+                    respond(reply, None);
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let (answer, ()) = rt.block_on(async { tokio::join!(ask, serve) });
+        assert_eq!(answer.unwrap(), None);
         // Dropped without an answer.
-        let answer = sender.send(Action::GetVm).unwrap();
+        let answer = ask_vm(&sender);
         drop(receiver.drain().next());
         assert!(rt.block_on(answer).is_err());
         drop(receiver);
+        let (reply, _) = oneshot::channel();
         assert!(matches!(
-            sender.send(Action::GetVm),
+            sender.send(Request::Query(Query::Metrics(reply))),
             Err(ControlError::Disconnected)
         ));
     }

@@ -6,20 +6,25 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::agent::AgentLink;
 use crate::api_server::{self, ApiMetrics, ApiServerHandle, ServerOptions};
+use crate::bus::lock;
 use crate::config::VmConfig;
 use crate::control::{self, ControlReceiver};
 use crate::cpu_manager::CpuManager;
 use crate::events::{EventSender, VmEvent};
-use crate::hotplug::{Hotplug, VmFacts};
+use crate::hotplug::session::{AgentSession, Outlet};
+use crate::hotplug::{Coordinator, GuestEvent, VmFacts};
 use crate::vcpu::VcpuContext;
 use crate::vm::{Vm, VmError};
+use crate::VcpuId;
 
 /// Why the VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,8 +35,10 @@ pub enum ExitReason {
     Reset,
     /// A vCPU failed (exit status 3).
     GuestFailed(String),
-    /// SIGINT or SIGTERM (exit status 130 / 143 style, reported as 4).
+    /// SIGINT or SIGTERM (exit status 4).
     Signalled,
+    /// The guest agent said it failed (exit status 5).
+    AgentFailed(String),
 }
 
 impl ExitReason {
@@ -42,6 +49,7 @@ impl ExitReason {
             Self::Reset => 2,
             Self::GuestFailed(_) => 3,
             Self::Signalled => 4,
+            Self::AgentFailed(_) => 5,
         }
     }
 }
@@ -95,7 +103,7 @@ fn install_terminate_handler(evt: &EventFd) {
 /// The state the event loop works on.
 pub struct Vmm {
     vm: Vm,
-    hotplug: Hotplug,
+    hotplug: Coordinator<CpuManager>,
     events: Receiver<VmEvent>,
     events_wake: Arc<EventFd>,
     terminate: EventFd,
@@ -132,15 +140,19 @@ impl Vmm {
             vm.devices.ged.clone(),
         );
         cpus.boot(cfg.cpus.boot, &vm.mem, &vm.boot_entry)?;
-        let hotplug = Hotplug::new(
+        let uart = vm.devices.agent_uart.clone();
+        let outlet: Outlet = Box::new(move |b: &[u8]| lock(&uart).enqueue_input(b));
+        let link = AgentLink::new().with_mailbox(vm.devices.agent_mailbox.clone());
+        let hotplug = Coordinator::new(
             cpus,
+            cfg.cpus.max,
             VmFacts {
                 boot_vcpus: cfg.cpus.boot,
                 memory_mib: cfg.memory >> 20,
             },
-            vm.devices.agent_uart.clone(),
+            AgentSession::new(link, outlet),
         )
-        .with_agent_mailbox(vm.devices.agent_mailbox.clone())
+        .with_timeouts(cfg.timeouts)
         .with_test_hooks(cfg.test_hooks);
         let (control_tx, control) = control::channel()?;
         let api = match &cfg.api_socket {
@@ -184,29 +196,38 @@ impl Vmm {
                 log::error!("vCPU {vcpu} failed: {reason}");
                 self.finish(ExitReason::GuestFailed(format!("vCPU {vcpu}: {reason}")));
             }
-            VmEvent::Ejected(id) => self.hotplug.on_ejected(id),
-            VmEvent::InsertAcked(id) => self.hotplug.on_insert_acked(id),
-            VmEvent::AgentLine(line) => self.hotplug.on_agent_line(line),
+            VmEvent::Ejected(id) => self.guest(GuestEvent::Ejected(VcpuId::new(id))),
+            VmEvent::EjectRefused(id) => self.guest(GuestEvent::EjectRefused(VcpuId::new(id))),
+            VmEvent::InsertAcked(id) => self.guest(GuestEvent::InsertAcked(VcpuId::new(id))),
+            VmEvent::AgentLine(line) => self.guest(GuestEvent::AgentLine(line)),
         }
-        self.arm_deadlines();
+    }
+
+    fn guest(&mut self, event: GuestEvent) {
+        self.hotplug.on_event(event, Instant::now());
+        if let Some(reason) = self.hotplug.agent_failure() {
+            let reason = reason.to_owned();
+            self.finish(ExitReason::AgentFailed(reason));
+        }
     }
 
     fn handle_control(&mut self) {
-        let _ = self.control.wake_fd().read();
         let requests: Vec<_> = self.control.drain().collect();
         for request in requests {
-            let reply = self.hotplug.handle(request.action);
-            request.respond(reply);
+            self.hotplug.handle(request, Instant::now());
         }
-        self.arm_deadlines();
     }
 
+    /// Runs the coordinator's deadlines and arms the timer for the next.
     fn arm_deadlines(&mut self) {
-        let next = self.hotplug.check_deadlines();
+        let now = Instant::now();
+        let next = self.hotplug.tick(now);
         let armed = match next {
-            Some(d) => self
-                .deadlines
-                .reset(d.max(std::time::Duration::from_millis(1)), None),
+            Some(at) => self.deadlines.reset(
+                at.saturating_duration_since(now)
+                    .max(std::time::Duration::from_millis(1)),
+                None,
+            ),
             None => self.deadlines.clear(),
         };
         if let Err(e) = armed {
@@ -237,7 +258,7 @@ impl Vmm {
                     }
                 }
                 let t = std::time::Instant::now();
-                let stuck = v.hotplug.cpus_mut().shutdown();
+                let stuck = v.hotplug.machine_mut().shutdown();
                 if stuck.is_empty() {
                     log::debug!("all vCPU threads joined in {:?}", t.elapsed());
                 } else {
@@ -276,10 +297,10 @@ impl MutEventSubscriber for Vmm {
             TAG_CONTROL => self.handle_control(),
             TAG_DEADLINES => {
                 let _ = self.deadlines.wait();
-                self.arm_deadlines();
             }
             _ => {}
         }
+        self.arm_deadlines();
     }
 
     fn init(&mut self, ops: &mut EventOps) {

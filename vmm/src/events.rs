@@ -24,6 +24,8 @@ pub enum VmEvent {
     },
     /// The guest ejected a vCPU through ACPI (`_EJ0`).
     Ejected(u32),
+    /// The guest tried to eject a present vCPU with no removal pending.
+    EjectRefused(u32),
     /// The guest's ACPI scan acknowledged the insertion of a vCPU.
     InsertAcked(u32),
     /// A line from the guest agent (`None`: an oversized line was dropped).

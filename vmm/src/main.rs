@@ -44,6 +44,10 @@ struct Cli {
     /// for end-to-end tests. Never in production.
     #[arg(long)]
     test_hooks: bool,
+    /// How long the guest has for each hotplug step, in seconds:
+    /// add=30,prepare=10,eject=30,restore=10 (keys left out keep these).
+    #[arg(long, value_parser = vmm::config::parse_timeouts, default_value = "")]
+    hotplug_timeouts: vmm::hotplug::Timeouts,
     /// Boot even though /dev/kvm is PVM (stock kernels will not boot).
     #[arg(long)]
     allow_pvm: bool,
@@ -124,6 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         api_socket: cli.api_socket.clone(),
         serial: cli.serial.clone(),
         test_hooks: cli.test_hooks,
+        timeouts: cli.hotplug_timeouts,
     };
     if cfg.test_hooks {
         log::warn!("test hooks enabled: the API serves /api/v1/test/ (fault injection)");

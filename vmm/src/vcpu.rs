@@ -149,6 +149,8 @@ impl Vcpu {
             state: AtomicU8::new(VcpuState::Created as u8),
             exits: AtomicU64::new(0),
             handling: AtomicU64::new(0),
+            probe: AtomicU8::new(PROBE_IDLE),
+            started: AtomicBool::new(false),
         });
         let immediate_exit = ImmediateExit::of(&mut self.fd);
         let (done_tx, done_rx) = mpsc::channel();
@@ -204,7 +206,17 @@ struct Control {
     /// The exit being handled outside KVM_RUN: 0 = none, else
     /// [`Handling::encode`].
     handling: AtomicU64,
+    /// Whether the guest started this vCPU: asked ([`PROBE_ASKED`]) by the
+    /// VMM thread, answered ([`PROBE_ANSWERED`]) by the vCPU thread from its
+    /// own MP state, into `started`.
+    probe: AtomicU8,
+    /// The vCPU left wait-for-SIPI (valid once answered).
+    started: AtomicBool,
 }
+
+const PROBE_IDLE: u8 = 0;
+const PROBE_ASKED: u8 = 1;
+const PROBE_ANSWERED: u8 = 2;
 
 /// What a vCPU thread is doing outside KVM_RUN, packed into one atomic so
 /// a diagnosis can read it without stopping the thread.
@@ -347,6 +359,23 @@ impl VcpuHandle {
     pub fn request_dump(&self) {
         self.control.dump.store(true, Ordering::Release);
         self.kick();
+    }
+
+    /// Whether the guest started this vCPU (it left wait-for-SIPI), as its
+    /// thread read its own MP state: `None` until the thread has answered
+    /// (the first call asks and kicks it; call again shortly).
+    pub fn probe_started(&self) -> Option<bool> {
+        match self.control.probe.load(Ordering::Acquire) {
+            PROBE_ANSWERED => {
+                self.control.probe.store(PROBE_IDLE, Ordering::Release);
+                Some(self.control.started.load(Ordering::Acquire))
+            }
+            _ => {
+                self.control.probe.store(PROBE_ASKED, Ordering::Release);
+                self.kick();
+                None
+            }
+        }
     }
 
     fn kick(&self) {
@@ -495,6 +524,14 @@ fn run_once(vcpu: &mut Vcpu, ctx: &VcpuContext, control: &Control) -> Next {
             vcpu.fd.set_kvm_immediate_exit(0);
             if control.dump.swap(false, Ordering::AcqRel) {
                 log::warn!("vCPU {id}: {}", describe_guest_state(&vcpu.fd));
+            }
+            if control.probe.load(Ordering::Acquire) == PROBE_ASKED {
+                let started = vcpu
+                    .fd
+                    .get_mp_state()
+                    .map_or(true, |m| m.mp_state != KVM_MP_STATE_UNINITIALIZED);
+                control.started.store(started, Ordering::Release);
+                control.probe.store(PROBE_ANSWERED, Ordering::Release);
             }
             Next::Continue
         }

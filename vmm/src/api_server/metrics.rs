@@ -98,6 +98,16 @@ impl ApiMetrics {
                 "Accesses to the guest agent's mailbox rings that found them corrupt (nothing moved).",
                 vmm.agent_mailbox_corrupt,
             ),
+            (
+                "vmm_repeated_requests_total",
+                "Mutations that repeated a change already in flight and joined it.",
+                vmm.repeated_requests,
+            ),
+            (
+                "vmm_guest_events_dropped_total",
+                "Guest-driven events dropped because the VMM thread's queue was full.",
+                vmm.guest_events_dropped,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = write!(
@@ -105,6 +115,13 @@ impl ApiMetrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
             );
         }
+        let name = "vmm_vcpus_stuck";
+        let _ = write!(
+            text,
+            "# HELP {name} vCPUs whose thread did not stop when asked.\n\
+             # TYPE {name} gauge\n{name} {}\n",
+            vmm.stuck_vcpus
+        );
         let name = "vmm_api_requests_total";
         let _ = write!(
             text,
@@ -163,6 +180,9 @@ mod tests {
             vcpu_fds_reused: 2,
             agent_lines_dropped: 5,
             agent_mailbox_corrupt: 1,
+            stuck_vcpus: 1,
+            repeated_requests: 2,
+            guest_events_dropped: 3,
         };
         let text = metrics.render(&vmm);
         assert!(text.contains(

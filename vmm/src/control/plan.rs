@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use api::{ApiError, ErrorCode, OperationKind, VcpuState};
 
-use super::Action;
+use super::Change;
 
 /// What a mutation has to do, computed by [`plan`] from the vCPU states.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,25 +35,21 @@ impl Plan {
     }
 }
 
-/// Plan a mutation against `states` (indexed by vCPU id; its length is the
-/// maximum). `None` for actions that are not mutations.
+/// Plan a change against `states` (indexed by vCPU id; its length is the
+/// maximum).
 ///
 /// Rules: an id beyond the maximum is `vcpu_not_found`; removing vCPU 0 is
 /// `vcpu0_not_removable`; a count of 0 or above the maximum is
 /// `invalid_vcpu_count`; adding a vCPU being removed (or the reverse) is a
 /// `conflict`; asking for what is already true, or already in flight, is
-/// not an error (the plan then starts nothing).
-pub fn plan(action: Action, states: &[VcpuState]) -> Option<Result<Plan, ApiError>> {
-    match action {
-        Action::Resize { desired } => Some(plan_resize(states, desired)),
-        Action::AddVcpu(id) => Some(plan_add(states, id)),
-        Action::RemoveVcpu(id) => Some(plan_remove(states, id)),
-        Action::GetVm
-        | Action::GetVcpus
-        | Action::GetOperation(_)
-        | Action::GetMetrics
-        | Action::GetWorkers
-        | Action::InjectFault { .. } => None,
+/// not an error (the plan then starts nothing). A stuck vCPU (its thread
+/// did not stop; the coordinator retries the join before planning) is a
+/// `conflict` for any change that needs it.
+pub fn plan(change: Change, states: &[VcpuState]) -> Result<Plan, ApiError> {
+    match change {
+        Change::Resize { desired } => plan_resize(states, desired),
+        Change::Add(id) => plan_add(states, id),
+        Change::Remove(id) => plan_remove(states, id),
     }
 }
 
@@ -73,15 +69,15 @@ fn state_of(states: &[VcpuState], id: u32) -> Result<VcpuState, ApiError> {
 }
 
 fn conflict(id: u32, state: VcpuState) -> ApiError {
-    let doing = if state == VcpuState::Adding {
-        "added"
-    } else {
-        "removed"
+    let message = match state {
+        VcpuState::Adding => format!("vCPU {id} is being added; retry when that has finished"),
+        VcpuState::Stuck => format!(
+            "vCPU {id} is stuck: its thread did not stop when asked, \
+             and retrying the join failed; retry later"
+        ),
+        _ => format!("vCPU {id} is being removed; retry when that has finished"),
     };
-    ApiError::new(
-        ErrorCode::Conflict,
-        format!("vCPU {id} is being {doing}; retry when that has finished"),
-    )
+    ApiError::new(ErrorCode::Conflict, message)
 }
 
 pub(super) fn plan_add(states: &[VcpuState], id: u32) -> Result<Plan, ApiError> {
@@ -93,7 +89,7 @@ pub(super) fn plan_add(states: &[VcpuState], id: u32) -> Result<Plan, ApiError> 
             plan.add.push(id);
             plan.wait_for.push(id);
         }
-        state @ VcpuState::Removing => return Err(conflict(id, state)),
+        state @ (VcpuState::Removing | VcpuState::Stuck) => return Err(conflict(id, state)),
     }
     Ok(plan)
 }
@@ -114,7 +110,7 @@ pub(super) fn plan_remove(states: &[VcpuState], id: u32) -> Result<Plan, ApiErro
             plan.remove.push(id);
             plan.wait_for.push(id);
         }
-        VcpuState::Adding => return Err(conflict(id, state)),
+        VcpuState::Adding | VcpuState::Stuck => return Err(conflict(id, state)),
     }
     Ok(plan)
 }
@@ -140,7 +136,7 @@ fn plan_resize(states: &[VcpuState], desired: u32) -> Result<Plan, ApiError> {
             .take(wanted - effective)
             .collect();
         if absent.len() < wanted - effective {
-            let busy = ids().find(|(_, s)| *s == VcpuState::Removing);
+            let busy = ids().find(|(_, s)| matches!(s, VcpuState::Removing | VcpuState::Stuck));
             return Err(match busy {
                 Some((id, state)) => conflict(id, state),
                 None => ApiError::new(ErrorCode::Internal, "no free vCPU slot"),
@@ -174,7 +170,7 @@ mod tests {
     use VcpuState::{Absent as A, Adding as D, Present as P, Removing as R};
 
     fn resize(states: &[VcpuState], desired: u32) -> Result<Plan, ApiError> {
-        plan(Action::Resize { desired }, states).unwrap()
+        plan(Change::Resize { desired }, states)
     }
 
     #[test]
@@ -219,8 +215,8 @@ mod tests {
     #[test]
     fn add_and_remove_rules() {
         let states = [P, A, D, R, P];
-        let add = |id| plan(Action::AddVcpu(id), &states).unwrap();
-        let remove = |id| plan(Action::RemoveVcpu(id), &states).unwrap();
+        let add = |id| plan(Change::Add(id), &states);
+        let remove = |id| plan(Change::Remove(id), &states);
         assert_eq!(add(1).unwrap().add, vec![1]);
         assert!(add(0).unwrap().wait_for.is_empty());
         assert_eq!(add(2).unwrap().wait_for, vec![2]);
@@ -232,7 +228,17 @@ mod tests {
         assert_eq!(remove(2).unwrap_err().code, ErrorCode::Conflict);
         assert_eq!(remove(3).unwrap().wait_for, vec![3]);
         assert_eq!(remove(9).unwrap_err().code, ErrorCode::VcpuNotFound);
-        assert!(plan(Action::GetVm, &states).is_none());
-        assert!(plan(Action::GetWorkers, &states).is_none());
+        let stuck = [P, VcpuState::Stuck, A];
+        assert_eq!(
+            plan(Change::Add(1), &stuck).unwrap_err().code,
+            ErrorCode::Conflict
+        );
+        assert_eq!(
+            plan(Change::Remove(1), &stuck).unwrap_err().code,
+            ErrorCode::Conflict
+        );
+        // A stuck slot is not free: growing past it needs it.
+        assert_eq!(resize(&stuck, 3).unwrap_err().code, ErrorCode::Conflict);
+        assert_eq!(resize(&stuck, 2).unwrap().add, vec![2]);
     }
 }

@@ -32,7 +32,7 @@
 //! (channel send, eventfd write), never lock the controller or wait for a
 //! vCPU.
 
-use log::{debug, info, warn};
+use log::{debug, info};
 use thiserror::Error;
 
 /// Offset of the 32-bit selector register.
@@ -59,6 +59,9 @@ pub enum HotplugAction {
     /// The guest ejected this vCPU: stop its thread, keep its fd, then call
     /// [`CpuHotplugController::complete_removal`].
     Eject(u32),
+    /// The guest tried to eject this present vCPU without a removal
+    /// pending (refused; the owner decides whether the guest dropped it).
+    EjectRefused(u32),
 }
 
 /// Where a vCPU is in the removal protocol.
@@ -255,6 +258,28 @@ impl CpuHotplugController {
         }
     }
 
+    /// Takes back the insertion of `id` if the guest has not acknowledged
+    /// it yet (the slot is empty again); returns whether it did.
+    pub fn withdraw_insert(&mut self, id: u32) -> bool {
+        match self.slot_mut(id) {
+            Ok(slot) if slot.inserting && slot.removal == Removal::None => {
+                *slot = SlotState::default();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Empties the slot of `id`, whatever it held (its vCPU thread was
+    /// stopped). The boot vCPU is never unplugged.
+    pub fn unplug(&mut self, id: u32) -> Result<(), CpuHotplugError> {
+        if id == 0 {
+            return Err(CpuHotplugError::BootCpu);
+        }
+        *self.slot_mut(id)? = SlotState::default();
+        Ok(())
+    }
+
     fn ignore(&mut self, what: &str, offset: u64, len: usize) {
         self.ignored_accesses += 1;
         debug!("cpu hotplug: ignored {what} of {len} bytes at offset {offset:#x}");
@@ -327,11 +352,12 @@ impl CpuHotplugController {
         }
         if id == 0 || slot.removal != Removal::Pending {
             self.rejected_ejects += 1;
-            warn!(
+            debug!(
                 "cpu hotplug: guest ejected vCPU {id} (removal state {:?}): refused",
                 slot.removal
             );
-            return None;
+            let refused = id != 0 && slot.present && slot.removal == Removal::None;
+            return refused.then_some(HotplugAction::EjectRefused(id));
         }
         slot.present = false;
         slot.inserting = false;
@@ -526,8 +552,8 @@ mod tests {
     #[test]
     fn eject_needs_a_pending_removal() {
         let mut c = booted(3, 4);
-        // Present, no removal requested.
-        assert_eq!(guest_ej0(&mut c, 2), None);
+        // Present, no removal requested: refused, and reported.
+        assert_eq!(guest_ej0(&mut c, 2), Some(HotplugAction::EjectRefused(2)));
         // Not present at all.
         assert_eq!(guest_ej0(&mut c, 3), None);
         assert_eq!(c.rejected_ejects(), 2);
@@ -619,7 +645,7 @@ mod tests {
                 ..Default::default()
             }
         );
-        assert_eq!(guest_ej0(&mut c, 1), None);
+        assert_eq!(guest_ej0(&mut c, 1), Some(HotplugAction::EjectRefused(1)));
         assert_eq!(c.rejected_ejects(), 1);
         assert_eq!(guest_sta(&mut c, 1), 0xf);
     }

@@ -72,8 +72,10 @@ impl BusDevice for HotplugAdapter {
         let selected = self.controller.selector();
         let was_inserting =
             offset == STATUS_OFFSET && self.controller.slot(selected).is_some_and(|s| s.inserting);
-        if let Some(HotplugAction::Eject(id)) = self.controller.write(offset, data) {
-            self.events.send(VmEvent::Ejected(id));
+        match self.controller.write(offset, data) {
+            Some(HotplugAction::Eject(id)) => self.events.send(VmEvent::Ejected(id)),
+            Some(HotplugAction::EjectRefused(id)) => self.events.send(VmEvent::EjectRefused(id)),
+            None => {}
         }
         if was_inserting && self.controller.slot(selected).is_some_and(|s| !s.inserting) {
             self.events.send(VmEvent::InsertAcked(selected));

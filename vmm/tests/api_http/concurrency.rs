@@ -43,6 +43,7 @@ fn check_list(list: &VcpuList) {
             VcpuState::Present => assert_eq!(v.guest_online, Some(true)),
             VcpuState::Absent => assert_eq!(v.guest_online, None),
             VcpuState::Adding | VcpuState::Removing => {}
+            VcpuState::Stuck => panic!("the fake VMM never has a stuck vCPU"),
         }
     }
 }

@@ -18,7 +18,9 @@ use api::{
     VcpuState, VmInfo, VmState,
 };
 use vmm::api_server::{self, ApiMetrics, ApiServerHandle, ServerOptions};
-use vmm::control::{self, Action, ControlReceiver, OperationTable, Reply, Request, VmmMetrics};
+use vmm::control::{
+    self, respond, Change, ControlReceiver, Mutation, OperationTable, Query, Request, VmmMetrics,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// What the simulated guest does with a change.
@@ -98,6 +100,7 @@ impl FakeState {
                     id: u32::try_from(i).unwrap(),
                     state: *state,
                     guest_online: *online,
+                    guest_cpu: None,
                     workers: self.snapshot.as_ref().map(|s| {
                         let id = u32::try_from(i).unwrap();
                         s.on_cpu(id).cloned().collect()
@@ -107,64 +110,69 @@ impl FakeState {
         }
     }
 
-    fn answer(&mut self, action: Action) -> Reply {
-        match action {
-            Action::GetVm => Reply::Vm(VmInfo {
-                state: VmState::Running,
-                boot_vcpus: self.boot,
-                max_vcpus: u32::try_from(self.states.len()).unwrap(),
-                present_vcpus: u32::try_from(
-                    self.states
-                        .iter()
-                        .filter(|s| matches!(s, VcpuState::Present | VcpuState::Removing))
-                        .count(),
-                )
-                .unwrap(),
-                memory_mib: 512,
+    fn vm(&self) -> VmInfo {
+        VmInfo {
+            state: VmState::Running,
+            boot_vcpus: self.boot,
+            max_vcpus: u32::try_from(self.states.len()).unwrap(),
+            present_vcpus: u32::try_from(
+                self.states
+                    .iter()
+                    .filter(|s| matches!(s, VcpuState::Present | VcpuState::Removing))
+                    .count(),
+            )
+            .unwrap(),
+            memory_mib: 512,
+            agent_connected: self.agent_connected.then_some(true),
+            agent_version: self.agent_connected.then(|| "fake".to_owned()),
+        }
+    }
+
+    fn workers(&self) -> GuestWorkers {
+        match &self.snapshot {
+            Some(s) => s.clone(),
+            None => GuestWorkers {
                 agent_connected: self.agent_connected.then_some(true),
-                agent_version: self.agent_connected.then(|| "fake".to_owned()),
-            }),
-            Action::GetWorkers => Reply::Workers(match &self.snapshot {
-                Some(s) => s.clone(),
-                None => GuestWorkers {
-                    agent_connected: self.agent_connected.then_some(true),
-                    ..GuestWorkers::unknown()
-                },
-            }),
-            Action::InjectFault { fault, cpu } => match self.inject(fault, cpu) {
-                Ok(injected) => Reply::FaultInjected(injected),
-                Err(e) => Reply::Error(e),
+                ..GuestWorkers::unknown()
             },
-            Action::GetVcpus => Reply::Vcpus(self.vcpus()),
-            Action::GetOperation(id) => self.table.reply(id),
-            Action::GetMetrics => Reply::Metrics(self.metrics),
-            Action::Resize { .. } | Action::AddVcpu(_) | Action::RemoveVcpu(_) => {
-                match control::plan(action, &self.states) {
-                    Some(Ok(plan)) => {
-                        let mutation = self.table.track(&plan);
-                        let due = |settle| match settle {
-                            Settle::After(d) => (Some(Instant::now() + d), false),
-                            Settle::FailAfter(d) => (Some(Instant::now() + d), true),
-                            Settle::Never => (None, false),
-                        };
-                        for &id in &plan.add {
-                            self.states[id as usize] = VcpuState::Adding;
-                            self.online[id as usize] = Some(false);
-                            let (at, fail) = due(self.settle);
-                            self.pending.push((id, at, fail));
-                        }
-                        for &id in &plan.remove {
-                            self.states[id as usize] = VcpuState::Removing;
-                            let (at, fail) = due(self.settle);
-                            self.pending.push((id, at, fail));
-                        }
-                        Reply::Mutation(mutation)
-                    }
-                    Some(Err(e)) => Reply::Error(e),
-                    None => unreachable!("not a mutation"),
-                }
+        }
+    }
+
+    fn answer(&mut self, request: Request) {
+        match request {
+            Request::Query(Query::Vm(reply)) => respond(reply, self.vm()),
+            Request::Query(Query::Workers(reply)) => respond(reply, self.workers()),
+            Request::Query(Query::Vcpus(reply)) => respond(reply, self.vcpus()),
+            Request::Query(Query::Operation { id, reply }) => respond(reply, self.table.get(id)),
+            Request::Query(Query::Metrics(reply)) => respond(reply, self.metrics),
+            Request::InjectFault { fault, cpu, reply } => respond(reply, self.inject(fault, cpu)),
+            Request::Mutate { change, reply } => {
+                let answer = self.mutate(change);
+                respond(reply, answer);
             }
         }
+    }
+
+    fn mutate(&mut self, change: Change) -> Result<Mutation, ApiError> {
+        let plan = control::plan(change, &self.states)?;
+        let mutation = self.table.track(&plan, Instant::now());
+        let due = |settle| match settle {
+            Settle::After(d) => (Some(Instant::now() + d), false),
+            Settle::FailAfter(d) => (Some(Instant::now() + d), true),
+            Settle::Never => (None, false),
+        };
+        for &id in &plan.add {
+            self.states[id as usize] = VcpuState::Adding;
+            self.online[id as usize] = Some(false);
+            let (at, fail) = due(self.settle);
+            self.pending.push((id, at, fail));
+        }
+        for &id in &plan.remove {
+            self.states[id as usize] = VcpuState::Removing;
+            let (at, fail) = due(self.settle);
+            self.pending.push((id, at, fail));
+        }
+        Ok(mutation)
     }
 
     /// The real VMM's rules for a test fault, simplified.
@@ -221,7 +229,7 @@ impl FakeState {
                     self.online[i] = None;
                     self.metrics.hot_removes += 1;
                 }
-                VcpuState::Absent | VcpuState::Present => {}
+                VcpuState::Absent | VcpuState::Present | VcpuState::Stuck => {}
             }
             self.table.vcpu_done(id);
         }
@@ -300,8 +308,7 @@ fn run(receiver: ControlReceiver, state: Arc<Mutex<FakeState>>, stop: Arc<Atomic
                 continue;
             }
             std::thread::sleep(delay);
-            let reply = state.lock().unwrap().answer(request.action);
-            request.respond(reply);
+            state.lock().unwrap().answer(request);
         }
         state.lock().unwrap().settle_due(false);
     }
