@@ -201,6 +201,9 @@ mod tests {
             text.contains("# TYPE vmm_vcpu_hot_adds_total counter\nvmm_vcpu_hot_adds_total 3\n")
         );
         assert!(text.contains("vmm_hotplug_ignored_register_accesses_total 7\n"));
+        assert!(text.contains("# TYPE vmm_vcpus_stuck gauge\nvmm_vcpus_stuck 1\n"));
+        assert!(text.contains("vmm_repeated_requests_total 2\n"));
+        assert!(text.contains("vmm_guest_events_dropped_total 3\n"));
         assert!(text.contains("vmm_api_requests_total{status=\"202\"} 1\n"));
         assert!(text.contains("vmm_api_requests_total{status=\"other\"} 0\n"));
         // Every sample line is `name{labels} value` or `name value`.

@@ -178,6 +178,7 @@ fn metrics_count_hotplug_and_requests() {
         "vmm_vcpu_fds_created_total 0",
         "vmm_agent_lines_dropped_total 0",
         "vmm_agent_mailbox_corrupt_total 0",
+        "vmm_vcpus_stuck 0",
         "vmm_api_requests_total{status=\"200\"} 2",
         "vmm_api_requests_total{status=\"409\"} 1",
         "vmm_api_requests_total{status=\"404\"} 1",
@@ -195,6 +196,6 @@ fn metrics_count_hotplug_and_requests() {
             .lines()
             .filter(|l| l.starts_with("# TYPE"))
             .count(),
-        9
+        12
     );
 }
