@@ -94,7 +94,7 @@ const NESTED_GUEST_FAILURES: &[&str] = &[
 
 /// If `line` (the VMM's log or the guest's console, not the emulated
 /// host's kernel) shows the nested guest failing as described at
-/// [`NESTED_GUEST_FAILURES`], which failure.
+/// `NESTED_GUEST_FAILURES`, which failure.
 pub fn nested_guest_failure(line: &str) -> Option<&'static str> {
     if line.starts_with(HOST_PREFIX) {
         return None;

@@ -1,7 +1,7 @@
 //! vCPU threads.
 //!
 //! A [`Vcpu`] owns a KVM vCPU fd. Started, it moves into its own thread
-//! ([`run_vcpu`]) and the caller keeps a [`VcpuHandle`]. The thread's
+//! (`run_vcpu`) and the caller keeps a [`VcpuHandle`]. The thread's
 //! life is an explicit state machine:
 //!
 //! ```text

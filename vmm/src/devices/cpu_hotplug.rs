@@ -27,7 +27,7 @@
 //!
 //! # Locking
 //! The controller has no lock of its own. Its owner (the vCPU manager)
-//! wraps it in one mutex shared with the bus; with [`CpuHotplugBus`] the
+//! wraps it in one mutex shared with the bus; with the hotplug bus adapter (`vm::devices`) the
 //! action callback runs under that mutex, so it must only queue the action
 //! (channel send, eventfd write), never lock the controller or wait for a
 //! vCPU.

@@ -1,7 +1,7 @@
 //! The seam between the coordinator and the machinery: what the
 //! coordinator asks of vCPU threads, the hotplug register block and the
 //! GED. `cpu_manager::CpuManager` implements it over KVM; the tests use
-//! [`fake::FakeMachine`], so the coordinator's timeouts and races run
+//! `fake::FakeMachine`, so the coordinator's timeouts and races run
 //! without KVM.
 
 use crate::cpu_manager::CpuError;
