@@ -163,7 +163,7 @@ impl CpuManager {
             }
             return Ok(vcpu);
         }
-        let vcpu = Vcpu::create(&self.vm, id)?;
+        let vcpu = Vcpu::create(&self.vm, crate::VcpuId::new(id))?;
         self.counters.vcpu_fds_created += 1;
         let cpuid = cpuid::for_vcpu(&self.base_cpuid, id, self.max());
         if let Err(e) = vcpu.configure(&cpuid) {
@@ -174,7 +174,7 @@ impl CpuManager {
     }
 
     fn start(&mut self, vcpu: Vcpu) -> Result<(), CpuError> {
-        let id = vcpu.id();
+        let id = vcpu.id().get();
         let handle = vcpu.start(self.ctx.clone())?;
         self.slot_mut(id)?.running = Some(handle);
         Ok(())
@@ -198,7 +198,7 @@ impl CpuManager {
             vcpus.push(vcpu);
         }
         for vcpu in vcpus {
-            let id = vcpu.id();
+            let id = vcpu.id().get();
             self.start(vcpu)?;
             let slot = self.slot_mut(id)?;
             slot.state = VcpuState::Present;

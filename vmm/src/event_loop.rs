@@ -3,8 +3,6 @@
 //! when the guest powers off, resets or fails, or the VMM is signalled.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -16,35 +14,12 @@ use crate::api_server::{self, ApiMetrics, ApiServerHandle, ServerOptions};
 use crate::config::VmConfig;
 use crate::control::{self, ControlReceiver};
 use crate::cpu_manager::CpuManager;
-use crate::events::{EventSender, VmEvent};
+use crate::events::{EventReceiver, EventSender, VmEvent, DEFAULT_CAPACITY, EVENTS_PER_TURN};
 use crate::hotplug::{Hotplug, VmFacts};
 use crate::vcpu::VcpuContext;
 use crate::vm::{Vm, VmError};
 
-/// Why the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest powered off (exit status 0).
-    PowerOff,
-    /// The guest reset or rebooted (exit status 2: the VMM does not reboot).
-    Reset,
-    /// A vCPU failed (exit status 3).
-    GuestFailed(String),
-    /// SIGINT or SIGTERM (exit status 130 / 143 style, reported as 4).
-    Signalled,
-}
-
-impl ExitReason {
-    /// The VMM's process exit status for this reason.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Self::PowerOff => 0,
-            Self::Reset => 2,
-            Self::GuestFailed(_) => 3,
-            Self::Signalled => 4,
-        }
-    }
-}
+pub use crate::exit::ExitReason;
 
 /// Errors of the VMM run.
 #[derive(Debug, thiserror::Error)]
@@ -69,35 +44,11 @@ pub enum RunError {
     Api(#[from] api_server::ApiServerError),
 }
 
-static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_terminate(_: libc::c_int) {
-    let fd = SIGNAL_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; the buffer is a live
-        // local of the right size and the fd an eventfd kept open for
-        // the life of the process.
-        let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    }
-}
-
-fn install_terminate_handler(evt: &EventFd) {
-    SIGNAL_FD.store(evt.as_raw_fd(), Ordering::Relaxed);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only performs an async-signal-safe write.
-        unsafe {
-            libc::signal(sig, on_terminate as *const () as libc::sighandler_t);
-        }
-    }
-}
-
 /// The state the event loop works on.
 pub struct Vmm {
     vm: Vm,
     hotplug: Hotplug,
-    events: Receiver<VmEvent>,
-    events_wake: Arc<EventFd>,
+    events: EventReceiver,
     terminate: EventFd,
     control: ControlReceiver,
     api: Option<ApiServerHandle>,
@@ -114,9 +65,10 @@ impl std::fmt::Debug for Vmm {
 }
 
 impl Vmm {
-    /// Builds the VM of `cfg` and starts its boot vCPUs.
-    pub fn start(cfg: &VmConfig) -> Result<Self, RunError> {
-        let (sender, events, events_wake) = EventSender::new()?;
+    /// Builds the VM of `cfg` and starts its boot vCPUs; the VM ends when
+    /// `terminate` (`signals::TerminateSignal::eventfd`) becomes readable.
+    pub fn start(cfg: &VmConfig, terminate: EventFd) -> Result<Self, RunError> {
+        let (sender, events) = EventSender::new(DEFAULT_CAPACITY)?;
         let vm = Vm::create(cfg, &sender)?;
         let ctx = VcpuContext {
             pio: vm.devices.pio.clone(),
@@ -161,13 +113,10 @@ impl Vmm {
             cfg.cpus.max,
             cfg.memory >> 20
         );
-        let terminate = EventFd::new(libc::EFD_NONBLOCK)?;
-        install_terminate_handler(&terminate);
         Ok(Self {
             vm,
             hotplug,
             events,
-            events_wake,
             terminate,
             control,
             api,
@@ -222,7 +171,11 @@ impl Vmm {
     }
 
     /// Runs the event loop until the VM ends; stops every vCPU.
-    pub fn run(self) -> Result<ExitReason, RunError> {
+    pub fn run(mut self) -> Result<ExitReason, RunError> {
+        // A signal during start-up wins over whatever the guest did since.
+        if self.terminate.read().is_ok() {
+            self.finish(ExitReason::Signalled);
+        }
         let vmm = Arc::new(Mutex::new(self));
         let mut manager: EventManager<Arc<Mutex<Vmm>>> =
             EventManager::new().map_err(RunError::EventLoop)?;
@@ -264,8 +217,8 @@ impl MutEventSubscriber for Vmm {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             TAG_EVENTS => {
-                let _ = self.events_wake.read();
-                while let Ok(event) = self.events.try_recv() {
+                // A bounded batch; the eventfd stays readable for the rest.
+                for event in self.events.take_batch(EVENTS_PER_TURN) {
                     self.handle_event(event);
                 }
             }
@@ -284,7 +237,7 @@ impl MutEventSubscriber for Vmm {
 
     fn init(&mut self, ops: &mut EventOps) {
         for (fd, tag) in [
-            (self.events_wake.as_raw_fd(), TAG_EVENTS),
+            (self.events.wake_fd().as_raw_fd(), TAG_EVENTS),
             (self.terminate.as_raw_fd(), TAG_TERMINATE),
             (self.control.wake_fd().as_raw_fd(), TAG_CONTROL),
             (self.deadlines.as_raw_fd(), TAG_DEADLINES),
