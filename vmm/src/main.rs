@@ -98,9 +98,10 @@ fn init_logging(level: log::LevelFilter) {
 }
 
 /// Why `--kernel` is required.
-const NO_KERNEL: &str = "no --kernel given: pass --kernel PATH (and --initramfs PATH), \
-or boot the default guest image with scripts/run-vm (the launcher, \
-`cargo run -p e2e --bin launch`, builds it and passes both)";
+const NO_KERNEL: &str = "no --kernel given: pass --kernel PATH (and --initramfs PATH); \
+for the default guest image run scripts/run-vm (the launcher, \
+`cargo run -p e2e --bin launch`, builds it and passes both), \
+or build it with `cargo run -p resources --bin mkimage`, which prints its paths";
 
 fn kernel_spec(cli: &Cli) -> anyhow::Result<KernelSpec> {
     let Some(kernel) = &cli.kernel else {
@@ -194,12 +195,23 @@ fn install_panic_hook() {
     }));
 }
 
+/// Removes the API socket at `path` if nobody listens on it any more (the
+/// API server, dropped while unwinding, normally removed it already; a
+/// live socket there is another server's).
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// After a panic of the VMM thread: stop the vCPU threads (bounded),
 /// remove the API socket, say so in one line.
 fn after_panic(api_socket: Option<&std::path::Path>) {
     let left = vmm::vcpu::stop_all(PANIC_STOP_BOUND);
     if let Some(path) = api_socket {
-        let _ = std::fs::remove_file(path);
+        remove_stale_socket(path);
     }
     let what = MAIN_PANIC
         .lock()

@@ -20,6 +20,9 @@ pub enum SignalError {
     /// The eventfd could not be created or duplicated.
     #[error("cannot create the termination eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The signals could not be unblocked.
+    #[error("cannot unblock SIGINT and SIGTERM")]
+    Unblock(#[source] std::io::Error),
     /// sigaction failed.
     #[error("cannot install the handler of signal {0}")]
     Sigaction(libc::c_int, #[source] std::io::Error),
@@ -70,13 +73,34 @@ fn set_handler(sig: libc::c_int) -> std::io::Result<()> {
     }
 }
 
+/// Unblocks `sigs` in the calling thread (and so in the threads it spawns
+/// afterwards): a parent may have left them blocked across exec.
+fn unblock(sigs: &[libc::c_int]) -> std::io::Result<()> {
+    // SAFETY: the set is initialised by sigemptyset before sigaddset and
+    // pthread_sigmask read it; the old mask is not wanted (null).
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &sig in sigs {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
+
 /// The installed SIGINT/SIGTERM handling.
 #[derive(Debug, Clone, Copy)]
 pub struct TerminateSignal {
     _installed: (),
 }
 
-/// Installs the SIGINT and SIGTERM handlers (idempotent).
+/// Installs the SIGINT and SIGTERM handlers (idempotent) and unblocks
+/// both signals in the calling thread. Call it before spawning threads.
 pub fn install() -> Result<TerminateSignal, SignalError> {
     let evt = match EVENTFD.get() {
         Some(evt) => evt,
@@ -89,6 +113,7 @@ pub fn install() -> Result<TerminateSignal, SignalError> {
     for sig in TERMINATE_SIGNALS {
         set_handler(sig).map_err(|e| SignalError::Sigaction(sig, e))?;
     }
+    unblock(&TERMINATE_SIGNALS).map_err(SignalError::Unblock)?;
     Ok(TerminateSignal { _installed: () })
 }
 
