@@ -6,7 +6,9 @@
 //! them for the VMM thread. The VMM thread decodes them into
 //! [`GuestMessage`]s ([`AgentLink::on_line`]), tracks whether the agent is
 //! alive, and writes host messages into the UART's receive FIFO. Nothing
-//! the guest sends is trusted: bad lines are counted and dropped.
+//! the guest sends is trusted: bad lines are counted and dropped, empty
+//! lines silently (they never reach the event queue), and warnings about
+//! them are rate-limited (`crate::ratelimit`) with guest text escaped.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +21,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::layout::AGENT_MAILBOX_BASE;
 use crate::memory::GuestRam;
+use crate::ratelimit::{escape_guest, RateLimiter};
 
 use crate::events::{EventSender, VmEvent};
 
@@ -86,13 +89,19 @@ impl Mailbox {
     }
 }
 
+/// Guest text shown in a warning at most (characters).
+const GUEST_TEXT_SHOWN: usize = 120;
+
 /// COM2's output: bytes from the guest (stream bytes, or doorbells that
 /// say the mailbox holds them), split into lines for the VMM thread.
+/// Empty lines are dropped here (counted); the event queue bounds the rest.
 #[derive(Debug)]
 pub struct AgentSink {
     inbound: Inbound,
     events: EventSender,
     mailbox: Option<Arc<Mailbox>>,
+    empty_lines: u64,
+    warnings: RateLimiter,
 }
 
 impl AgentSink {
@@ -103,7 +112,20 @@ impl AgentSink {
             inbound: Inbound::new(),
             events,
             mailbox,
+            empty_lines: 0,
+            warnings: RateLimiter::default(),
         }
+    }
+
+    /// Rate-limits the sink's warnings with `warnings` (tests: a manual clock).
+    pub fn with_rate_limiter(mut self, warnings: RateLimiter) -> Self {
+        self.warnings = warnings;
+        self
+    }
+
+    /// Empty lines dropped so far.
+    pub fn empty_lines(&self) -> u64 {
+        self.empty_lines
     }
 }
 
@@ -116,15 +138,29 @@ impl Write for AgentSink {
             if got.doorbells > 0 {
                 mailbox.in_use.store(true, Ordering::Release);
             }
-            mailbox
-                .corrupt
-                .fetch_add(u64::from(got.corrupt), Ordering::Relaxed);
+            if got.corrupt > 0 {
+                let total = mailbox
+                    .corrupt
+                    .fetch_add(u64::from(got.corrupt), Ordering::Relaxed)
+                    + u64::from(got.corrupt);
+                self.warnings.warn(
+                    "corrupt to-host ring",
+                    format_args!(
+                        "agent: the guest's mailbox ring has impossible counters; doorbell ignored ({total} corrupt accesses)"
+                    ),
+                );
+            }
         }
         for line in got.lines {
-            self.events.send(VmEvent::AgentLine(match line {
+            let event = match line {
+                Line::Complete(bytes) if is_blank(&bytes) => {
+                    self.empty_lines += 1;
+                    continue;
+                }
                 Line::Complete(bytes) => Some(bytes),
                 Line::Oversized => None,
-            }));
+            };
+            self.events.send(VmEvent::AgentLine(event));
         }
         Ok(buf.len())
     }
@@ -134,6 +170,11 @@ impl Write for AgentSink {
     }
 }
 
+/// Whether a line is empty or only ASCII whitespace (dropped silently).
+fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
 /// Counters of the agent channel.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct AgentCounters {
@@ -141,6 +182,8 @@ pub struct AgentCounters {
     pub messages: u64,
     /// Lines dropped: oversized, not UTF-8, malformed, wrong version.
     pub dropped: u64,
+    /// Empty lines dropped silently (not in `dropped`).
+    pub empty: u64,
     /// Host messages that did not fit the guest's receive FIFO.
     pub send_failures: u64,
 }
@@ -162,6 +205,8 @@ pub struct AgentLink {
     doorbell_owed: bool,
     /// The mailbox was seen in use (logged once).
     mailbox_noted: bool,
+    /// Rate limit of the warnings about what the guest sent.
+    warnings: RateLimiter,
 }
 
 impl AgentLink {
@@ -176,6 +221,12 @@ impl AgentLink {
         self
     }
 
+    /// Rate-limits the link's warnings with `warnings` (tests: a manual clock).
+    pub fn with_rate_limiter(mut self, warnings: RateLimiter) -> Self {
+        self.warnings = warnings;
+        self
+    }
+
     /// Doorbells that found the guest's mailbox ring corrupt.
     pub fn mailbox_corrupt(&self) -> u64 {
         self.mailbox.as_ref().map_or(0, |m| m.corrupt_doorbells())
@@ -187,13 +238,22 @@ impl AgentLink {
     }
 
     /// Decodes one line from the guest (`None`: an oversized line was
-    /// dropped). Returns the message if it is valid.
+    /// dropped). Returns the message if it is valid. Empty lines are
+    /// dropped silently; warnings about bad ones are rate-limited, their
+    /// text escaped.
     pub fn on_line(&mut self, line: Option<Vec<u8>>) -> Option<GuestMessage> {
         let Some(bytes) = line else {
             self.counters.dropped += 1;
-            log::warn!("agent: dropped an oversized line");
+            self.warnings.warn(
+                "oversized line",
+                format_args!("agent: dropped an oversized line"),
+            );
             return None;
         };
+        if is_blank(&bytes) {
+            self.counters.empty += 1;
+            return None;
+        }
         if !self.mailbox_noted && self.uses_mailbox() {
             self.mailbox_noted = true;
             log::info!("agent: talks through the mailbox");
@@ -204,7 +264,7 @@ impl AgentLink {
                 self.last_seen = Some(Instant::now());
                 match &msg {
                     GuestMessage::Ready { version, .. } => {
-                        log::info!("agent: connected, version {version}");
+                        log::info!("agent: connected, version {version:?}");
                         self.version = Some(version.clone());
                         self.ever_connected = true;
                     }
@@ -218,7 +278,15 @@ impl AgentLink {
             }
             Err(e) => {
                 self.counters.dropped += 1;
-                log::warn!("agent: dropped a line: {e}");
+                // Decode errors quote the guest's text: escaped, cut.
+                self.warnings.warn(
+                    "bad line",
+                    format_args!(
+                        "agent: dropped a line: {} (line: \"{}\")",
+                        e.to_string().escape_debug(),
+                        escape_guest(&bytes, GUEST_TEXT_SHOWN)
+                    ),
+                );
                 None
             }
         }
@@ -289,10 +357,13 @@ impl AgentLink {
                     Err(e) => {
                         // The guest wrote an impossible tail: keep the
                         // bytes (the outbox bound fails later sends);
-                        // counted, and said once, not every retry.
-                        if mailbox.corrupt.fetch_add(1, Ordering::Relaxed) == 0 {
-                            log::warn!("agent: {e}");
-                        }
+                        // counted, and said at most once a second, not
+                        // on every retry.
+                        let total = mailbox.corrupt.fetch_add(1, Ordering::Relaxed) + 1;
+                        self.warnings.warn(
+                            "corrupt to-guest ring",
+                            format_args!("agent: {e} ({total} corrupt accesses)"),
+                        );
                         break;
                     }
                 }
@@ -325,13 +396,13 @@ mod tests {
 
     #[test]
     fn sink_queues_lines_for_the_vmm_thread() {
-        let (tx, rx, _wake) = EventSender::new().unwrap();
+        let (tx, rx) = EventSender::new(crate::events::DEFAULT_CAPACITY).unwrap();
         let mut sink = AgentSink::new(tx, None);
         sink.write_all(b"{\"v\":1,\"type\":\"heart").unwrap();
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_next().is_none());
         sink.write_all(b"beat\"}\n").unwrap();
         assert_eq!(
-            rx.try_recv().unwrap(),
+            rx.try_next().unwrap(),
             VmEvent::AgentLine(Some(b"{\"v\":1,\"type\":\"heartbeat\"}".to_vec()))
         );
     }
@@ -397,7 +468,7 @@ mod tests {
         assert!(to_guest.has_magic() && to_host.has_magic());
 
         // Guest -> host: a line in the ring, then one doorbell byte.
-        let (tx, rx, _wake) = EventSender::new().unwrap();
+        let (tx, rx) = EventSender::new(crate::events::DEFAULT_CAPACITY).unwrap();
         let mut sink = AgentSink::new(tx, Some(mailbox.clone()));
         let mut link = AgentLink::new().with_mailbox(Some(mailbox.clone()));
         assert!(!link.uses_mailbox());
@@ -412,7 +483,7 @@ mod tests {
         assert_eq!(to_host.push(line), Ok(line.len()));
         sink.write_all(&[b'{', DOORBELL]).unwrap();
         assert_eq!(
-            rx.try_recv().unwrap(),
+            rx.try_next().unwrap(),
             VmEvent::AgentLine(Some(b"{{\"v\":1,\"type\":\"heartbeat\"}".to_vec()))
         );
         assert!(link.uses_mailbox());
@@ -453,10 +524,10 @@ mod tests {
                 .cast::<u32>()
                 .write_volatile(u32::MAX / 2)
         };
-        let (tx, rx, _wake) = EventSender::new().unwrap();
+        let (tx, rx) = EventSender::new(crate::events::DEFAULT_CAPACITY).unwrap();
         let mut sink = AgentSink::new(tx, Some(mailbox.clone()));
         sink.write_all(&[DOORBELL, DOORBELL]).unwrap();
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_next().is_none());
         assert_eq!(mailbox.corrupt_doorbells(), 2);
         // A guest that wrote an impossible tail into the host's ring: the
         // message stays queued (nothing written), no doorbell is rung.
@@ -475,5 +546,100 @@ mod tests {
         assert!(fifo.is_empty());
         assert!(link.has_pending_output());
         assert_eq!(mailbox.corrupt_doorbells(), 3);
+    }
+
+    #[test]
+    fn a_ring_of_newlines_and_a_doorbell_storm_make_bounded_events_and_logs() {
+        crate::testlog::start();
+        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        let mailbox = Mailbox::new(&mem).unwrap();
+        let (_, to_host) = guest_rings(&mem);
+        let clock = crate::ratelimit::ManualClock::new();
+        let limiter =
+            || RateLimiter::new(crate::ratelimit::DEFAULT_INTERVAL, Arc::new(clock.clone()));
+        let capacity = 32;
+        let (tx, rx) = EventSender::new(capacity).unwrap();
+        let mut sink = AgentSink::new(tx, Some(mailbox.clone())).with_rate_limiter(limiter());
+
+        // A ring full of `\n`, rung again and again: nothing is queued.
+        let full = vec![b'\n'; api::mailbox::CAPACITY as usize];
+        let mut newlines = 0;
+        for _ in 0..4 {
+            newlines += to_host.push(&full).unwrap();
+            sink.write_all(&[DOORBELL; 256]).unwrap();
+        }
+        assert!(newlines >= 4 * 16_000, "{newlines}");
+        assert_eq!(sink.empty_lines(), newlines as u64);
+        assert!(rx.is_empty());
+
+        // A ring full of junk lines: the queue takes its capacity, drops
+        // the rest and counts them.
+        let junk = b"\x1b[2Jjunk\n".repeat(api::mailbox::CAPACITY as usize / 10);
+        let mut lines = 0;
+        for _ in 0..4 {
+            let pushed = to_host.push(&junk).unwrap();
+            lines += junk[..pushed].iter().filter(|&&b| b == b'\n').count();
+            sink.write_all(&[DOORBELL; 256]).unwrap();
+        }
+        assert_eq!(rx.len(), capacity);
+        assert_eq!(rx.dropped(), (lines - capacity) as u64);
+
+        // The VMM thread decodes what was queued: a bounded number of
+        // warnings, the guest's escape sequences escaped.
+        let mut link = AgentLink::new()
+            .with_mailbox(Some(mailbox.clone()))
+            .with_rate_limiter(limiter());
+        while let Some(VmEvent::AgentLine(line)) = rx.try_next() {
+            assert!(link.on_line(line).is_none());
+        }
+        assert_eq!(link.counters().dropped, capacity as u64);
+        // And a corrupt ring rung 10,000 times.
+        // SAFETY: the head counter of the mailbox's guest -> host ring.
+        unsafe {
+            mem.get_host_address(GuestAddress(AGENT_MAILBOX_BASE))
+                .unwrap()
+                .add(TO_HOST + 8)
+                .cast::<u32>()
+                .write_volatile(u32::MAX / 2)
+        };
+        for _ in 0..100 {
+            sink.write_all(&[DOORBELL; 100]).unwrap();
+        }
+        assert_eq!(mailbox.corrupt_doorbells(), 10_000);
+        let logged = crate::testlog::lines();
+        // One line per cause: the queue (its own limiter), the bad lines,
+        // the corrupt ring.
+        assert!(logged.len() <= 3, "{logged:#?}");
+        assert!(logged.iter().any(|l| l.contains("dropped a line")));
+        assert!(logged.iter().any(|l| l.contains("impossible counters")));
+        assert!(
+            logged.iter().all(|l| !l.contains('\x1b')),
+            "guest text unescaped: {logged:?}"
+        );
+
+        // A second later, one more line per cause, with the suppressed count.
+        clock.advance(crate::ratelimit::DEFAULT_INTERVAL);
+        sink.write_all(&[DOORBELL]).unwrap();
+        let logged = crate::testlog::lines();
+        assert!(
+            logged.last().unwrap().contains("(99 more suppressed)"),
+            "{logged:#?}"
+        );
+    }
+
+    #[test]
+    fn empty_lines_are_dropped_silently_and_counted() {
+        crate::testlog::start();
+        let (tx, rx) = EventSender::new(crate::events::DEFAULT_CAPACITY).unwrap();
+        let mut sink = AgentSink::new(tx, None);
+        sink.write_all(b"\n\r\n  \n{\"v\":1,\"type\":\"heartbeat\"}\n\n")
+            .unwrap();
+        assert_eq!(sink.empty_lines(), 4);
+        assert_eq!(rx.len(), 1);
+        let mut link = AgentLink::new();
+        assert!(link.on_line(Some(Vec::new())).is_none());
+        assert_eq!(link.counters().empty, 1);
+        assert_eq!(link.counters().dropped, 0);
+        assert!(crate::testlog::lines().is_empty());
     }
 }

@@ -129,7 +129,7 @@ impl CpuManager {
             }
             return Ok(vcpu);
         }
-        let vcpu = Vcpu::create(&self.vm, id.get())?;
+        let vcpu = Vcpu::create(&self.vm, id)?;
         self.counters.vcpu_fds_created += 1;
         let cpuid = cpuid::for_vcpu(&self.base_cpuid, id.get(), self.max());
         if let Err(e) = vcpu.configure(&cpuid) {

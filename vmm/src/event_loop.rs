@@ -3,8 +3,6 @@
 //! when the guest powers off, resets or fails, or the VMM is signalled.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,40 +17,14 @@ use crate::bus::lock;
 use crate::config::VmConfig;
 use crate::control::{self, ControlReceiver};
 use crate::cpu_manager::CpuManager;
-use crate::events::{EventSender, VmEvent};
+use crate::events::{EventReceiver, EventSender, VmEvent, DEFAULT_CAPACITY, EVENTS_PER_TURN};
 use crate::hotplug::session::{AgentSession, Outlet};
 use crate::hotplug::{Coordinator, GuestEvent, VmFacts};
 use crate::vcpu::VcpuContext;
 use crate::vm::{Vm, VmError};
 use crate::VcpuId;
 
-/// Why the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest powered off (exit status 0).
-    PowerOff,
-    /// The guest reset or rebooted (exit status 2: the VMM does not reboot).
-    Reset,
-    /// A vCPU failed (exit status 3).
-    GuestFailed(String),
-    /// SIGINT or SIGTERM (exit status 4).
-    Signalled,
-    /// The guest agent said it failed (exit status 5).
-    AgentFailed(String),
-}
-
-impl ExitReason {
-    /// The VMM's process exit status for this reason.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Self::PowerOff => 0,
-            Self::Reset => 2,
-            Self::GuestFailed(_) => 3,
-            Self::Signalled => 4,
-            Self::AgentFailed(_) => 5,
-        }
-    }
-}
+pub use crate::exit::ExitReason;
 
 /// Errors of the VMM run.
 #[derive(Debug, thiserror::Error)]
@@ -77,35 +49,11 @@ pub enum RunError {
     Api(#[from] api_server::ApiServerError),
 }
 
-static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_terminate(_: libc::c_int) {
-    let fd = SIGNAL_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; the buffer is a live
-        // local of the right size and the fd an eventfd kept open for
-        // the life of the process.
-        let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    }
-}
-
-fn install_terminate_handler(evt: &EventFd) {
-    SIGNAL_FD.store(evt.as_raw_fd(), Ordering::Relaxed);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only performs an async-signal-safe write.
-        unsafe {
-            libc::signal(sig, on_terminate as *const () as libc::sighandler_t);
-        }
-    }
-}
-
 /// The state the event loop works on.
 pub struct Vmm {
     vm: Vm,
     hotplug: Coordinator<CpuManager>,
-    events: Receiver<VmEvent>,
-    events_wake: Arc<EventFd>,
+    events: EventReceiver,
     terminate: EventFd,
     control: ControlReceiver,
     api: Option<ApiServerHandle>,
@@ -122,9 +70,10 @@ impl std::fmt::Debug for Vmm {
 }
 
 impl Vmm {
-    /// Builds the VM of `cfg` and starts its boot vCPUs.
-    pub fn start(cfg: &VmConfig) -> Result<Self, RunError> {
-        let (sender, events, events_wake) = EventSender::new()?;
+    /// Builds the VM of `cfg` and starts its boot vCPUs; the VM ends when
+    /// `terminate` (`signals::TerminateSignal::eventfd`) becomes readable.
+    pub fn start(cfg: &VmConfig, terminate: EventFd) -> Result<Self, RunError> {
+        let (sender, events) = EventSender::new(DEFAULT_CAPACITY)?;
         let vm = Vm::create(cfg, &sender)?;
         let ctx = VcpuContext {
             pio: vm.devices.pio.clone(),
@@ -173,13 +122,10 @@ impl Vmm {
             cfg.cpus.max,
             cfg.memory >> 20
         );
-        let terminate = EventFd::new(libc::EFD_NONBLOCK)?;
-        install_terminate_handler(&terminate);
         Ok(Self {
             vm,
             hotplug,
             events,
-            events_wake,
             terminate,
             control,
             api,
@@ -212,6 +158,7 @@ impl Vmm {
     }
 
     fn handle_control(&mut self) {
+        self.hotplug.set_events_dropped(self.events.dropped());
         let requests: Vec<_> = self.control.drain().collect();
         for request in requests {
             self.hotplug.handle(request, Instant::now());
@@ -243,7 +190,11 @@ impl Vmm {
     }
 
     /// Runs the event loop until the VM ends; stops every vCPU.
-    pub fn run(self) -> Result<ExitReason, RunError> {
+    pub fn run(mut self) -> Result<ExitReason, RunError> {
+        // A signal during start-up wins over whatever the guest did since.
+        if self.terminate.read().is_ok() {
+            self.finish(ExitReason::Signalled);
+        }
         let vmm = Arc::new(Mutex::new(self));
         let mut manager: EventManager<Arc<Mutex<Vmm>>> =
             EventManager::new().map_err(RunError::EventLoop)?;
@@ -285,8 +236,8 @@ impl MutEventSubscriber for Vmm {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             TAG_EVENTS => {
-                let _ = self.events_wake.read();
-                while let Ok(event) = self.events.try_recv() {
+                // A bounded batch; the eventfd stays readable for the rest.
+                for event in self.events.take_batch(EVENTS_PER_TURN) {
                     self.handle_event(event);
                 }
             }
@@ -305,7 +256,7 @@ impl MutEventSubscriber for Vmm {
 
     fn init(&mut self, ops: &mut EventOps) {
         for (fd, tag) in [
-            (self.events_wake.as_raw_fd(), TAG_EVENTS),
+            (self.events.wake_fd().as_raw_fd(), TAG_EVENTS),
             (self.terminate.as_raw_fd(), TAG_TERMINATE),
             (self.control.wake_fd().as_raw_fd(), TAG_CONTROL),
             (self.deadlines.as_raw_fd(), TAG_DEADLINES),

@@ -6,8 +6,9 @@
 //!   reacts to vCPU exits (guest power off, reset, failure).
 //! - One **vCPU thread** per running vCPU (`vcpu`): it loops in
 //!   `KVM_RUN` and dispatches port-I/O and MMIO exits to the device bus.
-//!   It is told to stop through its handle (set `immediate_exit`, then a
-//!   signal) and joined with a bound.
+//!   It is told to stop through its handle (a stop flag, then a signal
+//!   whose handler sets `immediate_exit` on the vCPU's own thread) and
+//!   joined with a bound.
 //! - The **API thread** (`api_server`) serves HTTP on a Unix socket and
 //!   turns each request into a typed control message carrying its own
 //!   reply channel (`control`).
@@ -27,10 +28,15 @@ pub mod cpu_manager;
 pub mod devices;
 pub mod event_loop;
 pub mod events;
+pub mod exit;
 pub mod hotplug;
 pub mod kvm_check;
 pub mod layout;
 pub mod memory;
+pub mod ratelimit;
+pub mod signals;
+#[cfg(test)]
+mod testlog;
 pub mod vcpu;
 pub mod vcpu_id;
 

@@ -1,28 +1,39 @@
 //! `vmm`: boot a Linux guest whose vCPUs can be added and removed at run time.
+//!
+//! Exit statuses: see `vmm::exit` (0 power off, 1 VMM error, 2 reset,
+//! 3 vCPU failure, 4 signalled, 5 guest agent failure, 6 VMM panic).
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
 use vmm::boot::KernelSpec;
 use vmm::config::{parse_size, CpusConfig, SerialOutput, VmConfig};
 use vmm::event_loop::Vmm;
+use vmm::exit::{self, ExitStatus};
 use vmm::kvm_check::{self, KvmFlavor};
+use vmm::signals::{self, TerminateSignal};
+
+/// How long a panicking VMM waits for its vCPU threads to stop.
+const PANIC_STOP_BOUND: Duration = Duration::from_secs(2);
 
 /// A VMM specialised in vCPU hot-add and hot-remove.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Guest kernel: an ELF vmlinux with a PVH note, or a bzImage.
-    /// Without it, the default guest image is built (or reused) and booted.
+    /// Guest kernel (required): an ELF vmlinux with a PVH note, or a
+    /// bzImage. For the default guest image use scripts/run-vm (or the
+    /// launcher, `cargo run -p e2e --bin launch`), which builds it and
+    /// passes --kernel and --initramfs.
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed).
     #[arg(long)]
     initramfs: Option<PathBuf>,
-    /// Kernel command line (the default image's when omitted with --kernel).
+    /// Kernel command line (default: console=ttyS0 reboot=acpi panic=-1).
     #[arg(long)]
     cmdline: Option<String>,
     /// Append to the kernel command line.
@@ -90,25 +101,23 @@ fn init_logging(level: log::LevelFilter) {
     }
 }
 
+/// Why `--kernel` is required.
+const NO_KERNEL: &str = "no --kernel given: pass --kernel PATH (and --initramfs PATH); \
+for the default guest image run scripts/run-vm (the launcher, \
+`cargo run -p e2e --bin launch`, builds it and passes both), \
+or build it with `cargo run -p resources --bin mkimage`, which prints its paths";
+
 fn kernel_spec(cli: &Cli) -> anyhow::Result<KernelSpec> {
-    let mut spec = match &cli.kernel {
-        Some(kernel) => KernelSpec {
-            kernel: kernel.clone(),
-            initramfs: cli.initramfs.clone(),
-            cmdline: cli
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| "console=ttyS0 reboot=acpi panic=-1".into()),
-        },
-        None => {
-            let image =
-                resources::ensure_guest_image().context("cannot build the default guest image")?;
-            KernelSpec {
-                kernel: image.kernel.bzimage.clone(),
-                initramfs: Some(cli.initramfs.clone().unwrap_or(image.initramfs)),
-                cmdline: cli.cmdline.clone().unwrap_or(image.cmdline),
-            }
-        }
+    let Some(kernel) = &cli.kernel else {
+        bail!("{NO_KERNEL}");
+    };
+    let mut spec = KernelSpec {
+        kernel: kernel.clone(),
+        initramfs: cli.initramfs.clone(),
+        cmdline: cli
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| "console=ttyS0 reboot=acpi panic=-1".into()),
     };
     if let Some(extra) = &cli.append {
         spec.cmdline = format!("{} {extra}", spec.cmdline);
@@ -116,13 +125,24 @@ fn kernel_spec(cli: &Cli) -> anyhow::Result<KernelSpec> {
     Ok(spec)
 }
 
-fn run(cli: Cli) -> anyhow::Result<i32> {
+/// `Some(Signalled)` once SIGINT or SIGTERM came (checked between start-up steps).
+fn signalled(signals: &TerminateSignal, during: &str) -> Option<ExitStatus> {
+    let sig = signals.received()?;
+    log::info!("{} during {during}: exiting", signals::name(sig));
+    Some(ExitStatus::Signalled)
+}
+
+fn run(cli: Cli, signals: &TerminateSignal) -> anyhow::Result<ExitStatus> {
+    let kernel = kernel_spec(&cli)?;
+    if let Some(s) = signalled(signals, "start-up") {
+        return Ok(s);
+    }
     kvm_check::check_device(std::path::Path::new("/dev/kvm"))?;
     if kvm_check::flavor(std::path::Path::new("/sys")) == KvmFlavor::Pvm && !cli.allow_pvm {
         bail!("{}", kvm_check::PVM_MESSAGE);
     }
     let cfg = VmConfig {
-        kernel: kernel_spec(&cli)?,
+        kernel,
         cpus: cli.cpus,
         memory: cli.memory,
         api_socket: cli.api_socket.clone(),
@@ -133,20 +153,122 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     if cfg.test_hooks {
         log::warn!("test hooks enabled: the API serves /api/v1/test/ (fault injection)");
     }
-    let vmm = Vmm::start(&cfg)?;
+    if let Some(s) = signalled(signals, "start-up") {
+        return Ok(s);
+    }
+    // A signal from here on makes the event loop's first turn end the VM.
+    let vmm = Vmm::start(&cfg, signals.eventfd()?)?;
+    if cfg.test_hooks && std::env::var_os("VMM_TEST_PANIC").is_some() {
+        // Test hook: the panic path with vCPU threads and the API running.
+        panic!("test hook: VMM_TEST_PANIC");
+    }
     let reason = vmm.run()?;
     log::debug!("exiting with status {}", reason.exit_code());
-    Ok(reason.exit_code())
+    Ok(reason.status())
+}
+
+/// The panic of the main (VMM) thread, printed by [`after_panic`] as
+/// part of its one line.
+static MAIN_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// One line per panic on stderr, guest text escaped: at once for other
+/// threads (a vCPU thread's panic is caught there and fails the VM), in
+/// [`after_panic`]'s line for the VMM thread. The backtrace only with
+/// RUST_BACKTRACE.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("?");
+        let msg = exit::panic_message(info.payload())
+            .escape_debug()
+            .to_string();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let what = format!("panic in thread '{name}'{at}: {msg}");
+        let mut err = std::io::stderr().lock();
+        if name == "main" {
+            *MAIN_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(what);
+        } else {
+            let _ = std::io::Write::write_all(&mut err, format!("vmm: {what}\n").as_bytes());
+        }
+        let bt = std::backtrace::Backtrace::capture();
+        if bt.status() == std::backtrace::BacktraceStatus::Captured {
+            let _ = std::io::Write::write_all(&mut err, format!("{bt}\n").as_bytes());
+        }
+    }));
+}
+
+/// Removes the API socket at `path` if nobody listens on it any more (the
+/// API server, dropped while unwinding, normally removed it already; a
+/// live socket there is another server's).
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// After a panic of the VMM thread: stop the vCPU threads (bounded),
+/// remove the API socket, say so in one line.
+fn after_panic(api_socket: Option<&std::path::Path>) {
+    let left = vmm::vcpu::stop_all(PANIC_STOP_BOUND);
+    if let Some(path) = api_socket {
+        remove_stale_socket(path);
+    }
+    let what = MAIN_PANIC
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_else(|| "panic".into());
+    let threads = match left {
+        0 => "vCPU threads stopped".to_string(),
+        n => format!("{n} vCPU threads did not stop"),
+    };
+    let line = format!(
+        "vmm: {what}; {threads}, exiting with status {}\n",
+        ExitStatus::Panic.code()
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_level);
-    match run(cli) {
-        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+    // First, before any thread or VM exists: a signal from now on is seen.
+    let signals = match signals::install() {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("vmm: error: {e:#}");
-            ExitCode::from(1)
+            eprintln!("vmm: error: {e}");
+            return ExitStatus::VmmError.into();
         }
-    }
+    };
+    install_panic_hook();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors are VMM errors (1), not clap's 2 (a guest reset).
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitStatus::VmmError
+            } else {
+                ExitStatus::PowerOff // --help, --version
+            }
+            .into();
+        }
+    };
+    init_logging(cli.log_level);
+    let api_socket = cli.api_socket.clone();
+    let status = exit::run_guarded(
+        AssertUnwindSafe(|| match run(cli, &signals) {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("vmm: error: {e:#}");
+                vmm::vcpu::stop_all(PANIC_STOP_BOUND);
+                ExitStatus::VmmError
+            }
+        }),
+        || after_panic(api_socket.as_deref()),
+    );
+    status.into()
 }

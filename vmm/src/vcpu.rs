@@ -10,46 +10,49 @@
 //!                         +--guest power off / reset / failure--> Stopped
 //! ```
 //!
-//! Stopping is "set the stop flag, set `immediate_exit` in the vCPU's
-//! `kvm_run`, then signal the thread": whether the thread is inside
-//! KVM_RUN (the signal makes it return EINTR) or about to enter it
+//! Stopping is "set the stop flag, then signal the thread" ([`kick`]): the
+//! signal's handler runs on the vCPU thread and sets `immediate_exit` in
+//! that thread's own `kvm_run`, so whether the thread is inside KVM_RUN
+//! (the signal makes it return EINTR) or about to enter it
 //! (`immediate_exit` makes it return at once), it sees the flag without a
-//! lost wake-up. The caller then joins with a bound. The vCPU fd itself is
-//! never closed (KVM cannot destroy a vCPU): the joined thread hands the
-//! [`Vcpu`] back for reuse.
+//! lost wake-up, and no other thread ever writes its `kvm_run`. The caller
+//! repeats the signal every [`kick::KICK_REPEAT`] until the thread ends or
+//! the join bound passes. The vCPU fd itself is never closed (KVM cannot
+//! destroy a vCPU): the joined thread hands the [`Vcpu`] back for reuse.
 
-use std::os::raw::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_mp_state, CpuId, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::Killable;
 
 use crate::boot::BootEntry;
 use crate::bus::Bus;
 use crate::events::{EventSender, VmEvent};
 use crate::memory::GuestMemoryMmap;
 use crate::x86::{msrs, regs};
+use crate::VcpuId;
 
-/// Offset from SIGRTMIN of the signal that kicks a vCPU out of KVM_RUN.
-pub const KICK_SIGNAL_OFFSET: c_int = 0;
+pub mod kick;
+
+pub use kick::{stop_all, KICK_SIGNAL_OFFSET};
 
 /// Errors of vCPU set-up and control.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// KVM_CREATE_VCPU failed.
     #[error("cannot create vCPU {0}")]
-    Create(u32, #[source] kvm_ioctls::Error),
+    Create(VcpuId, #[source] kvm_ioctls::Error),
     /// A KVM_SET_* call failed while configuring.
     #[error("cannot set {what} of vCPU {id}")]
     Configure {
         /// vCPU.
-        id: u32,
+        id: VcpuId,
         /// Which state.
         what: &'static str,
         /// Cause.
@@ -61,28 +64,28 @@ pub enum VcpuError {
     Boot(#[source] regs::RegsError),
     /// Spawning the thread failed.
     #[error("cannot spawn the thread of vCPU {0}")]
-    Spawn(u32, #[source] std::io::Error),
+    Spawn(VcpuId, #[source] std::io::Error),
     /// Installing the kick signal handler failed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
     /// The thread did not stop within the bound.
     #[error("vCPU {0} thread did not stop within {1:?}")]
-    JoinTimeout(u32, Duration),
+    JoinTimeout(VcpuId, Duration),
     /// The thread ended without handing back its vCPU (it panicked outside the guarded loop).
     #[error("vCPU {0} thread was lost")]
-    Lost(u32),
+    Lost(VcpuId),
 }
 
 /// A KVM vCPU, not running.
 #[derive(Debug)]
 pub struct Vcpu {
-    id: u32,
+    id: VcpuId,
     fd: VcpuFd,
 }
 
 impl Vcpu {
     /// Creates vCPU `id` (its APIC ID) in `vm`.
-    pub fn create(vm: &VmFd, id: u32) -> Result<Self, VcpuError> {
+    pub fn create(vm: &VmFd, id: VcpuId) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|e| VcpuError::Create(id, e))?;
@@ -90,7 +93,7 @@ impl Vcpu {
     }
 
     /// The vCPU id (= APIC ID).
-    pub fn id(&self) -> u32 {
+    pub fn id(&self) -> VcpuId {
         self.id
     }
 
@@ -140,11 +143,11 @@ impl Vcpu {
     }
 
     /// Starts the vCPU's thread.
-    pub fn start(mut self, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
-        install_kick_handler()?;
+    pub fn start(self, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
+        kick::install_handler().map_err(VcpuError::Signal)?;
         let id = self.id;
         let control = Arc::new(Control {
-            stop: AtomicBool::new(false),
+            stop: Arc::new(AtomicBool::new(false)),
             dump: AtomicBool::new(false),
             state: AtomicU8::new(VcpuState::Created as u8),
             exits: AtomicU64::new(0),
@@ -152,7 +155,6 @@ impl Vcpu {
             probe: AtomicU8::new(PROBE_IDLE),
             started: AtomicBool::new(false),
         });
-        let immediate_exit = ImmediateExit::of(&mut self.fd);
         let (done_tx, done_rx) = mpsc::channel();
         let thread_control = control.clone();
         let thread = std::thread::Builder::new()
@@ -165,7 +167,6 @@ impl Vcpu {
         Ok(VcpuHandle {
             id,
             control,
-            immediate_exit,
             thread,
             done: done_rx,
         })
@@ -197,7 +198,8 @@ pub enum VcpuState {
 
 #[derive(Debug)]
 struct Control {
-    stop: AtomicBool,
+    /// Shared with the registry of running threads ([`kick::stop_all`]).
+    stop: Arc<AtomicBool>,
     /// Asks the thread to log its registers at its next exit.
     dump: AtomicBool,
     state: AtomicU8,
@@ -279,30 +281,6 @@ impl std::fmt::Display for Activity {
     }
 }
 
-/// Pointer to the `immediate_exit` byte of a vCPU's `kvm_run` mapping.
-#[derive(Debug)]
-struct ImmediateExit(*mut u8);
-
-// SAFETY: the pointer targets the vCPU's kvm_run mapping, which lives as
-// long as its VcpuFd; the VcpuFd is owned by the vCPU thread and handed
-// back through the JoinHandle the VcpuHandle also owns, so the mapping
-// outlives every use through the handle. The byte is only ever written
-// whole (a single-byte volatile store), which cannot tear.
-unsafe impl Send for ImmediateExit {}
-// SAFETY: as for Send; concurrent single-byte stores are benign.
-unsafe impl Sync for ImmediateExit {}
-
-impl ImmediateExit {
-    fn of(fd: &mut VcpuFd) -> Self {
-        Self(&mut fd.get_kvm_run().immediate_exit as *mut u8)
-    }
-
-    fn set(&self, value: u8) {
-        // SAFETY: see the Send impl: the mapping is alive and writable.
-        unsafe { std::ptr::write_volatile(self.0, value) }
-    }
-}
-
 /// Sends on drop, so the handle learns the thread ended even on panic.
 struct DoneGuard(Sender<()>);
 
@@ -315,16 +293,15 @@ impl Drop for DoneGuard {
 /// The caller's side of a running vCPU thread.
 #[derive(Debug)]
 pub struct VcpuHandle {
-    id: u32,
+    id: VcpuId,
     control: Arc<Control>,
-    immediate_exit: ImmediateExit,
     thread: JoinHandle<Vcpu>,
     done: Receiver<()>,
 }
 
 impl VcpuHandle {
     /// The vCPU id.
-    pub fn id(&self) -> u32 {
+    pub fn id(&self) -> VcpuId {
         self.id
     }
 
@@ -378,23 +355,35 @@ impl VcpuHandle {
         }
     }
 
+    /// Signals the thread; its handler sets `immediate_exit` in the
+    /// thread's own `kvm_run` (see [`kick`]). Never writes `kvm_run` here.
     fn kick(&self) {
-        self.immediate_exit.set(1);
         if self.state() != VcpuState::Stopped {
-            // The thread may have just exited: ESRCH is fine.
-            let _ = self.thread.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
+            // The JoinHandle keeps the thread id valid until joined; a
+            // thread that already ended answers ESRCH, which is fine.
+            let _ = self.thread.kill(kick::kick_signal());
         }
     }
 
     /// Stops the thread and joins it within `timeout`, returning the vCPU
-    /// for reuse. On timeout the handle comes back with the error (the
-    /// caller may try again); if the thread ended without its vCPU there is
-    /// no handle left to return.
+    /// for reuse. The kick is repeated every [`kick::KICK_REPEAT`] until
+    /// the thread ends. On timeout the handle comes back with the error
+    /// (the caller may try again); if the thread ended without its vCPU
+    /// there is no handle left to return.
     pub fn stop(self, timeout: Duration) -> Result<Vcpu, (Option<Box<VcpuHandle>>, VcpuError)> {
-        self.request_stop();
+        self.control.stop.store(true, Ordering::Release);
         let id = self.id;
-        if let Err(RecvTimeoutError::Timeout) = self.done.recv_timeout(timeout) {
-            return Err((Some(Box::new(self)), VcpuError::JoinTimeout(id, timeout)));
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.kick();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.done.recv_timeout(kick::KICK_REPEAT.min(left)) {
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) if left.is_zero() => {
+                    return Err((Some(Box::new(self)), VcpuError::JoinTimeout(id, timeout)));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
         }
         match self.thread.join() {
             Ok(vcpu) => Ok(vcpu),
@@ -403,41 +392,50 @@ impl VcpuHandle {
     }
 }
 
-extern "C" fn kick_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-fn install_kick_handler() -> Result<(), VcpuError> {
-    static RESULT: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
-    RESULT
-        .get_or_init(|| register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler))
-        .map_err(VcpuError::Signal)
-}
-
 /// What the loop does after one exit.
 enum Next {
     Continue,
     Stop,
 }
 
+/// Runs `body` with this thread's `immediate_exit` published to the kick
+/// signal's handler ([`kick::publish`]); unpublished when `body` returns
+/// or unwinds, before the vCPU can leave the thread.
+fn with_kick_target<R>(vcpu: &mut Vcpu, body: impl FnOnce(&mut Vcpu) -> R) -> R {
+    let immediate_exit: *mut u8 = &mut vcpu.fd.get_kvm_run().immediate_exit;
+    // SAFETY: the byte is in the kvm_run mapping of `vcpu.fd`, which stays
+    // mapped while `vcpu` lives; `vcpu` is borrowed for this whole call and
+    // the guard is dropped at its end, on this thread.
+    let _published = unsafe { kick::publish(immediate_exit) };
+    body(vcpu)
+}
+
 /// The vCPU thread body: run until asked to stop or the VM ends. Returns
 /// the vCPU for reuse (a panic while handling an exit is caught and reported).
 fn run_vcpu(mut vcpu: Vcpu, ctx: &VcpuContext, control: &Control) -> Vcpu {
+    // Registered (for `stop_all`) and published before the first stop
+    // check: a kick sent from now on reaches KVM_RUN.
+    let registration = kick::register(control.stop.clone());
     control
         .state
         .store(VcpuState::Running as u8, Ordering::Release);
     let id = vcpu.id;
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        while !control.stop.load(Ordering::Acquire) {
-            if let Next::Stop = run_once(&mut vcpu, ctx, control) {
-                break;
+    let outcome = with_kick_target(&mut vcpu, |vcpu| {
+        catch_unwind(AssertUnwindSafe(|| {
+            while !control.stop.load(Ordering::Acquire) {
+                if let Next::Stop = run_once(vcpu, ctx, control) {
+                    break;
+                }
             }
-        }
-    }));
+        }))
+    });
     if outcome.is_err() {
         ctx.events.send(VmEvent::Failed {
-            vcpu: id,
+            vcpu: id.get(),
             reason: "vCPU thread panicked while handling an exit".into(),
         });
     }
+    drop(registration);
     control
         .state
         .store(VcpuState::Stopped as u8, Ordering::Release);
@@ -456,7 +454,10 @@ fn handling<R>(control: &Control, what: Handling, access: impl FnOnce() -> R) ->
 fn run_once(vcpu: &mut Vcpu, ctx: &VcpuContext, control: &Control) -> Next {
     let id = vcpu.id;
     let fail = |reason: String| {
-        ctx.events.send(VmEvent::Failed { vcpu: id, reason });
+        ctx.events.send(VmEvent::Failed {
+            vcpu: id.get(),
+            reason,
+        });
         Next::Stop
     };
     let result = vcpu.fd.run();
@@ -521,6 +522,8 @@ fn run_once(vcpu: &mut Vcpu, ctx: &VcpuContext, control: &Control) -> Next {
             }
         },
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            // Kicked (the handler set it on this thread): clear it before
+            // the stop check, so a kick after the check still counts.
             vcpu.fd.set_kvm_immediate_exit(0);
             if control.dump.swap(false, Ordering::AcqRel) {
                 log::warn!("vCPU {id}: {}", describe_guest_state(&vcpu.fd));
@@ -638,5 +641,62 @@ mod tests {
         regs[0x200 + 7 * 16 + 3] = 0x80_u8 as std::os::raw::c_char; // vector 255
         assert_eq!(lapic_vectors(&regs, 0x200), vec![0, 33, 255]);
         assert!(lapic_vectors(&regs, 0x100).is_empty());
+    }
+
+    /// Sends the kick signal to the calling thread; the handler has run
+    /// when this returns (a signal to oneself is delivered before `raise`
+    /// returns).
+    fn kick_this_thread() {
+        // SAFETY: raise(3) with the kick signal, whose handler is installed.
+        let rc = unsafe { libc::raise(kick::kick_signal()) };
+        assert_eq!(rc, 0);
+    }
+
+    #[test]
+    fn a_kick_between_the_stop_check_and_kvm_run_makes_kvm_run_return() {
+        use vm_memory::{Bytes, GuestAddress};
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            println!("no usable /dev/kvm: skipped");
+            return;
+        };
+        kick::install_handler().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let mem = crate::memory::create_guest_memory(32 << 20).unwrap();
+        crate::memory::register_with_kvm(&vm, &mem).unwrap();
+        // cli; hlt; jmp hlt: inside KVM_RUN it never exits by itself.
+        mem.write_slice(&[0xfa, 0xf4, 0xeb, 0xfd], GuestAddress(0x1000))
+            .unwrap();
+        let mut vcpu = Vcpu::create(&vm, VcpuId::new(0)).unwrap();
+        let mut sregs = vcpu.fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.fd.set_sregs(&sregs).unwrap();
+        let mut r = vcpu.fd.get_regs().unwrap();
+        r.rip = 0x1000;
+        r.rflags = 2;
+        vcpu.fd.set_regs(&r).unwrap();
+
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let first = with_kick_target(&mut vcpu, |vcpu| {
+                // The kick lands after the stop check, before KVM_RUN.
+                kick_this_thread();
+                vcpu.fd.run().map(|_| ()).map_err(|e| e.errno())
+            });
+            // Handed back: the kick no longer touches kvm_run.
+            vcpu.fd.set_kvm_immediate_exit(0);
+            kick_this_thread();
+            let after = vcpu.fd.get_kvm_run().immediate_exit;
+            let _ = tx.send((first, after));
+        });
+        let (first, after) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("KVM_RUN did not return: the kick was lost");
+        assert_eq!(first, Err(libc::EINTR));
+        assert_eq!(
+            after, 0,
+            "a kick wrote kvm_run after the vCPU left its thread"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! vCPU. Small code snippets run on any KVM, including PVM, so this runs
 //! on every machine with /dev/kvm.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,9 +12,10 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::bus::Bus;
 use vmm::devices::BusDevice;
-use vmm::events::{EventSender, VmEvent};
+use vmm::events::{EventReceiver, EventSender};
 use vmm::memory::{create_guest_memory, register_with_kvm, GuestRam};
 use vmm::vcpu::{Vcpu, VcpuContext, VcpuState};
+use vmm::VcpuId;
 
 /// Records every byte written to it, with the writer's value.
 #[derive(Default)]
@@ -28,7 +30,19 @@ impl BusDevice for Recorder {
     }
 }
 
+/// Counts the writes to it.
+#[derive(Default)]
+struct Counter(Arc<AtomicU64>);
+
+impl BusDevice for Counter {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 const PORT: u8 = 0x10;
+const SPIN_PORT: u8 = 0x14;
 const CODE: u64 = 0x1000;
 
 /// Per vCPU `n`: `mov al, n; out PORT, al; in al, PORT; out PORT, al; hlt; jmp hlt`.
@@ -38,15 +52,27 @@ fn program(n: u8) -> Vec<u8> {
     ]
 }
 
+/// `out SPIN_PORT, al; jmp back`: a VM exit every two instructions.
+fn spin_program() -> Vec<u8> {
+    vec![0xe6, SPIN_PORT, 0xeb, 0xfc]
+}
+
+/// The tests of this file run one at a time: `stop_all` and the registry
+/// count see every vCPU thread of the process.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 struct Fixture {
+    _serial: std::sync::MutexGuard<'static, ()>,
     vm: VmFd,
     _mem: GuestRam,
     recorder: Arc<Mutex<Recorder>>,
+    spins: Arc<AtomicU64>,
     ctx: VcpuContext,
-    events: std::sync::mpsc::Receiver<VmEvent>,
+    events: EventReceiver,
 }
 
 fn fixture() -> Option<Fixture> {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let kvm = match Kvm::new() {
         Ok(k) => k,
         Err(e) => {
@@ -61,11 +87,20 @@ fn fixture() -> Option<Fixture> {
     let recorder = Arc::new(Mutex::new(Recorder::default()));
     let mut pio = Bus::new();
     pio.insert(u64::from(PORT), 1, recorder.clone()).unwrap();
-    let (sender, events, _wake) = EventSender::new().unwrap();
+    let spins = Arc::new(AtomicU64::new(0));
+    pio.insert(
+        u64::from(SPIN_PORT),
+        1,
+        Arc::new(Mutex::new(Counter(spins.clone()))),
+    )
+    .unwrap();
+    let (sender, events) = EventSender::new(64).unwrap();
     Some(Fixture {
+        _serial: serial,
         vm,
         _mem: mem,
         recorder,
+        spins,
         ctx: VcpuContext {
             pio: Arc::new(pio),
             mmio: Arc::new(Bus::new()),
@@ -76,8 +111,11 @@ fn fixture() -> Option<Fixture> {
 }
 
 fn load(f: &Fixture, vcpu: &Vcpu, n: u8) {
-    let code = CODE + u64::from(n) * 0x100;
-    f._mem.write_slice(&program(n), GuestAddress(code)).unwrap();
+    load_code(f, vcpu, CODE + u64::from(n) * 0x100, &program(n));
+}
+
+fn load_code(f: &Fixture, vcpu: &Vcpu, code: u64, bytes: &[u8]) {
+    f._mem.write_slice(bytes, GuestAddress(code)).unwrap();
     let fd = vcpu.fd();
     let mut sregs = fd.get_sregs().unwrap();
     sregs.cs.base = 0;
@@ -110,7 +148,8 @@ fn vcpus_run_dispatch_exits_stop_and_are_reused() {
     let ids = [0u32, 1, 2];
     let mut handles = Vec::new();
     for &id in &ids {
-        let vcpu = Vcpu::create(&f.vm, id).unwrap();
+        let vcpu = Vcpu::create(&f.vm, VcpuId::new(id)).unwrap();
+        assert_eq!(vcpu.id(), VcpuId::new(id));
         load(&f, &vcpu, u8::try_from(id).unwrap() + 1);
         handles.push(vcpu.start(f.ctx.clone()).unwrap());
     }
@@ -133,13 +172,13 @@ fn vcpus_run_dispatch_exits_stop_and_are_reused() {
         println!("vCPU {} stopped in {:?}", vcpu.id(), t.elapsed());
         stopped.push(vcpu);
     }
-    assert!(f.events.try_recv().is_err(), "no VM event expected");
+    assert!(f.events.try_next().is_none(), "no VM event expected");
 
     // Reuse the same fds (no KVM_CREATE_VCPU): they run again.
     f.recorder.lock().unwrap().0.clear();
     let mut handles = Vec::new();
     for vcpu in stopped {
-        let n = u8::try_from(vcpu.id()).unwrap() + 10;
+        let n = u8::try_from(vcpu.id().get()).unwrap() + 10;
         load(&f, &vcpu, n);
         handles.push(vcpu.start(f.ctx.clone()).unwrap());
     }
@@ -148,14 +187,14 @@ fn vcpus_run_dispatch_exits_stop_and_are_reused() {
         h.stop(Duration::from_secs(5)).unwrap();
     }
     // Re-creating an existing id is refused by KVM: the reason fds are kept.
-    assert!(Vcpu::create(&f.vm, 1).is_err());
+    assert!(Vcpu::create(&f.vm, VcpuId::new(1)).is_err());
 }
 
 #[test]
 fn stop_before_the_first_run_is_not_lost() {
     let Some(f) = fixture() else { return };
     // Never made runnable: an AP waiting for SIPI blocks inside KVM_RUN.
-    let vcpu = Vcpu::create(&f.vm, 1).unwrap();
+    let vcpu = Vcpu::create(&f.vm, VcpuId::new(1)).unwrap();
     let handle = vcpu.start(f.ctx.clone()).unwrap();
     let vcpu = handle
         .stop(Duration::from_secs(5))
@@ -166,4 +205,76 @@ fn stop_before_the_first_run_is_not_lost() {
         let h = vcpu.start(f.ctx.clone()).unwrap();
         vcpu = h.stop(Duration::from_secs(5)).expect("no lost kick");
     }
+}
+
+/// `cli; out SPIN_PORT, al; hlt; jmp hlt`: one exit, then the vCPU sleeps
+/// in KVM_RUN with interrupts off; only a kick gets it out.
+fn exit_then_halt_program() -> Vec<u8> {
+    vec![0xfa, 0xe6, SPIN_PORT, 0xf4, 0xeb, 0xfd]
+}
+
+#[test]
+fn a_kick_racing_the_entry_into_kvm_run_is_never_lost() {
+    let Some(f) = fixture() else { return };
+    let mut vcpu = Vcpu::create(&f.vm, VcpuId::new(2)).unwrap();
+    let code = CODE + 0x800;
+    let cycles = 300;
+    let mut slowest = Duration::ZERO;
+    for cycle in 0..cycles {
+        load_code(&f, &vcpu, code, &exit_then_halt_program());
+        let before = f.spins.load(Ordering::Relaxed);
+        let h = vcpu.start(f.ctx.clone()).unwrap();
+        // Kick at varying points: before the first KVM_RUN, and right
+        // after the port exit, while the thread goes from its stop check
+        // back into KVM_RUN (where the guest halts for good).
+        match cycle % 3 {
+            0 => {}
+            1 => std::thread::sleep(Duration::from_micros(20 * (cycle % 11))),
+            _ => assert!(
+                wait_for(|| f.spins.load(Ordering::Relaxed) > before),
+                "cycle {cycle}: the guest does not exit to the bus"
+            ),
+        }
+        // One kick, never repeated: it must not be lost.
+        let t = Instant::now();
+        h.request_stop();
+        assert!(
+            wait_for(|| h.state() == VcpuState::Stopped),
+            "cycle {cycle}: a single kick was lost ({})",
+            h.activity()
+        );
+        slowest = slowest.max(t.elapsed());
+        vcpu = h
+            .stop(Duration::from_secs(5))
+            .unwrap_or_else(|(_, e)| panic!("cycle {cycle}: {e}"));
+        assert_eq!(vcpu.id(), VcpuId::new(2));
+    }
+    println!(
+        "{cycles} start/kick/join cycles, {} guest exits, slowest stop after one kick {slowest:?}",
+        f.spins.load(Ordering::Relaxed)
+    );
+    assert!(f.spins.load(Ordering::Relaxed) > 0, "the guest never ran");
+    assert!(f.events.try_next().is_none(), "no VM event expected");
+    assert_eq!(vmm::vcpu::kick::running_threads(), 0);
+}
+
+#[test]
+fn stop_all_stops_threads_whose_handles_are_gone() {
+    let Some(f) = fixture() else { return };
+    let vcpu = Vcpu::create(&f.vm, VcpuId::new(3)).unwrap();
+    load_code(&f, &vcpu, CODE + 0x900, &spin_program());
+    let before = f.spins.load(Ordering::Relaxed);
+    let handle = vcpu.start(f.ctx.clone()).unwrap();
+    assert!(wait_for(|| f.spins.load(Ordering::Relaxed) > before));
+    // A panicking VMM drops its handles (the threads detach) ...
+    drop(handle);
+    // ... and stops the threads through the registry.
+    assert_eq!(vmm::vcpu::stop_all(Duration::from_secs(5)), 0);
+    let after = f.spins.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        f.spins.load(Ordering::Relaxed),
+        after,
+        "the guest still runs"
+    );
 }

@@ -262,7 +262,7 @@ fn env(name: &str, default: u64) -> u64 {
 #[test]
 fn coordinator_model() {
     let cases = env("MODEL_CASES", 10_000);
-    let steps = env("MODEL_STEPS", 40) as usize;
+    let steps = usize::try_from(env("MODEL_STEPS", 40)).unwrap_or(40);
     let seeds: Vec<u64> = match std::env::var("MODEL_SEED") {
         Ok(s) => vec![s.parse().expect("MODEL_SEED is a number")],
         Err(_) => (0..cases).collect(),

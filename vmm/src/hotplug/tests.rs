@@ -85,7 +85,7 @@ impl Harness {
 
     /// The guest's scan acknowledges every pending insert.
     pub fn scan(&mut self) {
-        for id in 0..self.c.machine.vcpus.len() as u32 {
+        for id in 0..u32::try_from(self.c.machine.vcpus.len()).unwrap_or(0) {
             let v = &mut self.c.machine.vcpus[id as usize];
             if v.inserting {
                 v.inserting = false;

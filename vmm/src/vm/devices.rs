@@ -5,14 +5,14 @@
 //! their results into irqfd writes and events for the VMM thread.
 
 use std::fs::File;
-use std::io::{LineWriter, Write};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::agent::{AgentSink, Mailbox};
-use crate::bus::{lock, Bus, BusError};
+use crate::bus::{Bus, BusError};
 use crate::config::SerialOutput;
 use crate::devices::cmos::Cmos;
 use crate::devices::cpu_hotplug::{CpuHotplugController, HotplugAction, STATUS_OFFSET};
@@ -22,6 +22,7 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::BusDevice;
 use crate::events::{EventSender, VmEvent};
 use crate::layout;
+use crate::vm::console::{Console, ConsoleSink, CONSOLE_BUFFER, FLUSH_BOUND};
 
 /// Errors wiring devices.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,9 @@ pub enum DevicesError {
     /// The serial output file cannot be created.
     #[error("cannot open the serial output file")]
     SerialFile(#[source] std::io::Error),
+    /// The console writer (stdout duplicate, thread) cannot be set up.
+    #[error("cannot set up the console output")]
+    Console(#[source] std::io::Error),
 }
 
 /// A power-register model on the bus; its actions become VM events.
@@ -116,9 +120,6 @@ impl BusDevice for GedAdapter {
     }
 }
 
-/// Console sink.
-type ConsoleOut = Box<dyn Write + Send>;
-
 /// All devices, placed on their buses.
 pub struct Devices {
     /// Port-I/O bus.
@@ -130,7 +131,9 @@ pub struct Devices {
     /// The GED.
     pub ged: Arc<Mutex<GedAdapter>>,
     /// The console UART (COM1).
-    pub console: Arc<Mutex<SerialDevice<ConsoleOut>>>,
+    pub console: Arc<Mutex<SerialDevice<ConsoleSink>>>,
+    /// COM1's output: a bounded buffer drained by the console writer thread.
+    pub console_output: Console,
     /// The guest agent's UART (COM2).
     pub agent_uart: Arc<Mutex<SerialDevice<AgentSink>>>,
     /// The guest agent's mailbox (its doorbells ring on COM2).
@@ -153,14 +156,21 @@ fn irq_eventfd(vm: &VmFd, gsi: u32) -> Result<EventFd, DevicesError> {
     Ok(evt)
 }
 
-fn console_output(serial: &SerialOutput) -> Result<ConsoleOut, DevicesError> {
-    Ok(match serial {
-        SerialOutput::Stdout => Box::new(LineWriter::new(std::io::stdout())),
-        SerialOutput::File(p) => Box::new(LineWriter::new(
-            File::create(p).map_err(DevicesError::SerialFile)?,
+/// The console's output: never written by a vCPU thread directly (a
+/// stdout nobody reads would block it), but by the console writer thread.
+fn console_output(serial: &SerialOutput) -> Result<(Console, ConsoleSink), DevicesError> {
+    let out: Box<dyn std::io::Write + Send> = match serial {
+        SerialOutput::Off => return Ok(Console::discard()),
+        // A duplicate of fd 1: the writer does not take std's stdout lock.
+        SerialOutput::Stdout => Box::new(File::from(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(DevicesError::Console)?,
         )),
-        SerialOutput::Off => Box::new(std::io::sink()),
-    })
+        SerialOutput::File(p) => Box::new(File::create(p).map_err(DevicesError::SerialFile)?),
+    };
+    Console::spawn(out, CONSOLE_BUFFER).map_err(DevicesError::Console)
 }
 
 impl Devices {
@@ -175,9 +185,10 @@ impl Devices {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
 
+        let (console_output, console_sink) = console_output(serial)?;
         let console = Arc::new(Mutex::new(SerialDevice::new(
             irq_eventfd(vm, layout::COM1_GSI)?,
-            console_output(serial)?,
+            console_sink,
         )));
         pio.insert(u64::from(layout::COM1_PORT), 8, console.clone())?;
         let agent_uart = Arc::new(Mutex::new(SerialDevice::new(
@@ -221,13 +232,23 @@ impl Devices {
             hotplug,
             ged,
             console,
+            console_output,
             agent_uart,
             agent_mailbox,
         })
     }
 
-    /// Flushes console output still buffered.
-    pub fn flush_console(&self) {
-        let _ = lock(&self.console).output_mut().flush();
+    /// Writes out the console output still buffered, waiting at most
+    /// [`FLUSH_BOUND`] (the output may be a stdout nobody reads). Returns
+    /// whether everything was written.
+    pub fn flush_console(&self) -> bool {
+        let flushed = self.console_output.flush(FLUSH_BOUND);
+        if !flushed {
+            log::warn!(
+                "console output not written within {FLUSH_BOUND:?} (nobody reading?); {} bytes dropped in all",
+                self.console_output.dropped()
+            );
+        }
+        flushed
     }
 }

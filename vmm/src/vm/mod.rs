@@ -1,6 +1,7 @@
 //! Building a VM: KVM, guest memory, interrupt controllers, devices, ACPI
 //! tables and the loaded kernel, ready for its vCPUs.
 
+pub mod console;
 pub mod devices;
 
 use std::sync::Arc;
