@@ -24,15 +24,25 @@ pub enum FaultKind {
     /// One-shot; a later `DELETE` of the vCPU while it is still removing
     /// sends the request for real.
     IgnoreRemoval,
+    /// The VMM lets the agent prepare the next removal of `cpu` (workers
+    /// parked, CPU offline) but never raises its ACPI eject: the removal
+    /// times out, and the VMM must bring the CPU back online through the
+    /// agent before it counts as present again. One-shot.
+    IgnoreEject,
+    /// The agent onlines the next hot-added CPU at once but holds its
+    /// online report back until after the VMM's add timeout. Not per CPU.
+    AgentDelayReport,
 }
 
 impl FaultKind {
     /// Every variant.
-    pub const ALL: [FaultKind; 4] = [
+    pub const ALL: [FaultKind; 6] = [
         Self::AgentRefuseOffline,
         Self::AgentForceOffline,
         Self::AgentSilence,
         Self::IgnoreRemoval,
+        Self::IgnoreEject,
+        Self::AgentDelayReport,
     ];
 
     /// The name on the wire.
@@ -42,12 +52,14 @@ impl FaultKind {
             Self::AgentForceOffline => "agent_force_offline",
             Self::AgentSilence => "agent_silence",
             Self::IgnoreRemoval => "ignore_removal",
+            Self::IgnoreEject => "ignore_eject",
+            Self::AgentDelayReport => "agent_delay_report",
         }
     }
 
     /// Whether the fault applies to one CPU (then `cpu` is required).
     pub fn needs_cpu(self) -> bool {
-        !matches!(self, Self::AgentSilence)
+        !matches!(self, Self::AgentSilence | Self::AgentDelayReport)
     }
 
     /// The agent's fault this is forwarded as; `None` for VMM-side faults.
@@ -56,7 +68,8 @@ impl FaultKind {
             Self::AgentRefuseOffline => Some(Fault::RefuseOffline),
             Self::AgentForceOffline => Some(Fault::ForceOffline),
             Self::AgentSilence => Some(Fault::Silence),
-            Self::IgnoreRemoval => None,
+            Self::AgentDelayReport => Some(Fault::DelayReport),
+            Self::IgnoreRemoval | Self::IgnoreEject => None,
         }
     }
 }
@@ -69,7 +82,7 @@ impl std::fmt::Display for FaultKind {
 
 /// A name that is not a [`FaultKind`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown fault `{0}`: expected one of agent_refuse_offline, agent_force_offline, agent_silence, ignore_removal")]
+#[error("unknown fault `{0}`: expected one of agent_refuse_offline, agent_force_offline, agent_silence, ignore_removal, ignore_eject, agent_delay_report")]
 pub struct UnknownFault(pub String);
 
 impl std::str::FromStr for FaultKind {
