@@ -44,7 +44,7 @@ use std::mem;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::agent::{decode, Fault, GuestMessage, HostMessage, Line, HEARTBEAT_MS};
+use agent_proto::agent::{decode, Fault, GuestMessage, HostMessage, Line, HEARTBEAT_MS};
 use smpboot::{
     CpuEvent, CpuEventKind, CpuState, Placement, Registry, RegistryError, Topology, TopologyError,
 };

@@ -9,7 +9,7 @@ use crate::sysfs::tests::FakeCpus;
 use crate::topology::tests::FakeUevents;
 use crate::workers::tests::{eventually, FoldPlacement};
 use crate::workers::{worker_infos, KSOFTIRQD, RCUC, WATCHDOG};
-use api::agent::{encode, WorkerInfo, MAX_LINE};
+use agent_proto::agent::{encode, WorkerInfo, MAX_LINE};
 use smpboot::ThreadSnapshot;
 
 struct Rig {

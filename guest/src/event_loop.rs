@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::agent::encode;
+use agent_proto::agent::encode;
 
 use crate::agent::{Agent, AgentConfig, AgentError, Exit};
 use crate::channel::{self, Channel};

@@ -4,7 +4,7 @@
 //! [`smpboot`] registry, brings hot-added CPUs online and walks their
 //! workers through prepare, online, offline and forced offline, takes part
 //! in the VMM's graceful CPU removal, and reports all of it over the
-//! second UART (`/dev/ttyS1`) in the `api::agent` protocol. The console
+//! second UART (`/dev/ttyS1`) in the `agent_proto::agent` protocol. The console
 //! gets only a few `GUEST-*` lines.
 //!
 //! Threading: the agent's own thread runs [`event_loop::run`], polling the

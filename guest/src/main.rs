@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use api::agent::encode;
+use agent_proto::agent::encode;
 use guest::agent::{Agent, AgentConfig, Exit};
 use guest::cmdline::Options;
 use guest::console::say;
