@@ -1,5 +1,6 @@
 //! The guest-agent protocol: line-delimited JSON over the guest's second
-//! UART (ttyS1 inside the guest, COM2 in the VMM).
+//! UART (ttyS1 inside the guest, COM2 in the VMM), or through the
+//! [mailbox](crate::mailbox) beside it.
 //!
 //! Every message is one line of at most [`MAX_LINE`] bytes: a JSON object
 //! with the protocol version `v` and a `type`. A UART costs one VM exit per
@@ -7,14 +8,51 @@
 //! request, not continuously. A peer never trusts a line blindly: lines
 //! that are too long, not UTF-8, not JSON, of another version or of an
 //! unknown type are counted and dropped ([`LineDecoder`], [`decode`]).
+//!
+//! # CPU numbers
+//! Every `cpu` on the wire, both ways, is a **vCPU id**: the KVM vCPU id,
+//! the APIC ID, the `_UID` of the ACPI processor device and the HTTP API's
+//! id, all one number. Linux numbers its CPUs otherwise: a hot-added CPU
+//! gets the next free *logical* number (`/sys/devices/system/cpu/cpuN`),
+//! so in a guest booted with vCPU 0 only, vCPU 6 added first becomes
+//! `cpu1`. The agent translates (it reads `cpuN/firmware_node/uid`) and
+//! reports Linux's number beside the id where it helps (`logical`, and
+//! `cpus` in `ready`); the VMM never sees a logical number as a `cpu`.
+//!
+//! # Version 2
+//! Version 1 put Linux's logical numbers in `cpu` fields. Version 2: vCPU
+//! ids everywhere, `logical` in `cpu`, `cpus` in `ready`, and the
+//! `cancel_remove` / `restored`, `fatal` and `delay` (test fault) messages.
+//!
+//! # Examples (one line each)
+//! Guest to host:
+//! ```text
+//! {"v":2,"type":"ready","version":"0.1.0","online":[0,6],"cpus":[[0,0],[6,1]]}
+//! {"v":2,"type":"heartbeat"}
+//! {"v":2,"type":"cpu","cpu":6,"logical":1,"online":true,"requested":true}
+//! {"v":2,"type":"prepared","cpu":6,"ok":false,"reason":"EBUSY: Device or resource busy"}
+//! {"v":2,"type":"restored","cpu":6,"ok":true}
+//! {"v":2,"type":"workers","workers":[{"d":"rcuc","c":6,"s":"active","l":6,"n":[1,0,0,9]}],"done":[[0,10],[6,7]]}
+//! {"v":2,"type":"fatal","reason":"panic: index out of bounds at guest/src/agent.rs:10:5"}
+//! ```
+//! Host to guest (each at most [`MAX_HOST_LINE`] bytes):
+//! ```text
+//! {"v":2,"type":"prepare_remove","cpu":6}
+//! {"v":2,"type":"cancel_remove","cpu":6}
+//! {"v":2,"type":"snapshot"}
+//! {"v":2,"type":"poweroff"}
+//! {"v":2,"type":"fault","f":"refuse_offline","cpu":6}
+//! {"v":2,"type":"fault","f":"delay","ms":3000}
+//! ```
 
 use serde::{Deserialize, Serialize};
 
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Longest accepted line, newline excluded.
 pub const MAX_LINE: usize = 8192;
-/// Host-to-guest lines must fit the UART's receive FIFO (64 bytes).
+/// Host-to-guest lines, newline included, must fit the UART's receive
+/// FIFO (64 bytes): a unit test checks the longest encoding of each.
 pub const MAX_HOST_LINE: usize = 63;
 
 /// One worker thread as the guest's registry reports it.
@@ -24,13 +62,14 @@ pub struct WorkerInfo {
     /// Descriptor name (e.g. "ksoftirqd").
     #[serde(rename = "d")]
     pub descriptor: String,
-    /// The CPU the thread belongs to.
+    /// The vCPU id of the CPU the thread belongs to.
     #[serde(rename = "c")]
     pub cpu: u32,
     /// "active", "parked", "failed" or "none".
     #[serde(rename = "s")]
     pub status: String,
-    /// The CPU it last ran on, if it ran.
+    /// The vCPU id of the CPU it last ran on, if it ran (and that CPU is
+    /// known).
     #[serde(rename = "l", default, skip_serializing_if = "Option::is_none")]
     pub last_cpu: Option<u32>,
     /// setup / park / unpark / thread_fn call counts.
@@ -46,15 +85,22 @@ pub enum GuestMessage {
     Ready {
         /// Agent version.
         version: String,
-        /// CPUs online.
+        /// vCPU ids of the CPUs online.
         online: Vec<u32>,
+        /// (vCPU id, Linux's logical number) of every CPU the guest knows
+        /// (present, online or not), by ascending id.
+        #[serde(default)]
+        cpus: Vec<(u32, u32)>,
     },
     /// Still alive (sent every [`HEARTBEAT_MS`] while idle).
     Heartbeat,
     /// A CPU came online or went offline.
     Cpu {
-        /// CPU number.
+        /// vCPU id.
         cpu: u32,
+        /// Linux's logical number of the CPU (`cpuN`), when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logical: Option<u32>,
         /// Its new state.
         online: bool,
         /// Whether the agent itself asked for it (false: forced offline).
@@ -63,7 +109,7 @@ pub enum GuestMessage {
     },
     /// Answer to [`HostMessage::PrepareRemove`].
     Prepared {
-        /// CPU number.
+        /// vCPU id.
         cpu: u32,
         /// Workers parked and the CPU offline.
         ok: bool,
@@ -71,22 +117,46 @@ pub enum GuestMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// Answer to [`HostMessage::CancelRemove`].
+    Restored {
+        /// vCPU id.
+        cpu: u32,
+        /// The CPU is online with its workers unparked.
+        ok: bool,
+        /// Why not, when `ok` is false (e.g. the CPU was ejected already).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// Every worker thread and the per-CPU work counters.
     Workers {
         /// The worker threads.
         workers: Vec<WorkerInfo>,
-        /// (CPU, items done) pairs.
+        /// (vCPU id, items done) pairs.
         done: Vec<(u32, u64)>,
+    },
+    /// The agent failed (a panic, an unrecoverable error) and powers the
+    /// guest off next: the last thing it sends.
+    Fatal {
+        /// What went wrong.
+        reason: String,
     },
 }
 
-/// Messages from the VMM to the guest agent (each under [`MAX_HOST_LINE`]).
+/// Messages from the VMM to the guest agent (each at most
+/// [`MAX_HOST_LINE`] bytes, newline included).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HostMessage {
     /// Park the CPU's workers and take it offline; answer `prepared`.
     PrepareRemove {
-        /// CPU number.
+        /// vCPU id.
+        cpu: u32,
+    },
+    /// The VMM gave up a removal the agent was preparing or had prepared:
+    /// bring the CPU back online if it is offline, unpark its workers, and
+    /// answer `restored`.
+    CancelRemove {
+        /// vCPU id.
         cpu: u32,
     },
     /// Send a `workers` snapshot.
@@ -94,13 +164,19 @@ pub enum HostMessage {
     /// Power the guest off.
     Poweroff,
     /// Test hook (only sent when the VMM runs with test hooks enabled):
-    /// make the agent misbehave on purpose.
+    /// make the agent misbehave on purpose. `cpu` goes with the faults
+    /// that concern one CPU and `ms` with [`Fault::DelayReport`]: never
+    /// both at their longest, or the line would not fit [`MAX_HOST_LINE`].
     Fault {
         /// What to do.
+        #[serde(rename = "f")]
         fault: Fault,
-        /// The CPU it applies to, where relevant.
+        /// The vCPU id it applies to, where relevant.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cpu: Option<u32>,
+        /// Milliseconds, for [`Fault::DelayReport`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ms: Option<u64>,
     },
 }
 
@@ -117,6 +193,12 @@ pub enum Fault {
     /// Stop talking to the VMM (no heartbeats, no answers), as a hung or
     /// killed agent would; the workers keep running.
     Silence,
+    /// Online the next hot-added CPU at once as usual, but hold its `cpu`
+    /// online report (and nothing else) back for `ms` milliseconds, as a
+    /// slow guest would. Named `delay` on the wire (the line must fit
+    /// [`MAX_HOST_LINE`]).
+    #[serde(rename = "delay")]
+    DelayReport,
 }
 
 /// How often an idle agent says it is alive.
@@ -228,16 +310,23 @@ impl LineDecoder {
 mod tests {
     use super::*;
 
-    #[test]
-    fn messages_round_trip_as_versioned_lines() {
-        let msgs = vec![
+    fn guest_messages() -> Vec<GuestMessage> {
+        vec![
             GuestMessage::Ready {
                 version: "0.1.0".into(),
-                online: vec![0, 1],
+                online: vec![0, 6],
+                cpus: vec![(0, 0), (3, 2), (6, 1)],
             },
             GuestMessage::Heartbeat,
             GuestMessage::Cpu {
+                cpu: 6,
+                logical: Some(1),
+                online: true,
+                requested: true,
+            },
+            GuestMessage::Cpu {
                 cpu: 3,
+                logical: None,
                 online: false,
                 requested: false,
             },
@@ -246,50 +335,171 @@ mod tests {
                 ok: false,
                 reason: Some("EBUSY".into()),
             },
+            GuestMessage::Restored {
+                cpu: 6,
+                ok: true,
+                reason: None,
+            },
+            GuestMessage::Restored {
+                cpu: 6,
+                ok: false,
+                reason: Some("cpu1 (vCPU 6) no longer exists".into()),
+            },
             GuestMessage::Workers {
                 workers: vec![WorkerInfo {
                     descriptor: "ksoftirqd".into(),
-                    cpu: 1,
+                    cpu: 6,
                     status: "active".into(),
-                    last_cpu: Some(1),
+                    last_cpu: Some(6),
                     counts: [1, 0, 0, 7],
                 }],
-                done: vec![(0, 10), (1, 7)],
+                done: vec![(0, 10), (6, 7)],
             },
+            GuestMessage::Fatal {
+                reason: "panic: \"quoted\"\nnewline".into(),
+            },
+        ]
+    }
+
+    /// Every host message at its longest: the largest numbers in every
+    /// field it carries.
+    fn longest_host_messages() -> Vec<HostMessage> {
+        let cpu = u32::MAX;
+        let mut msgs = vec![
+            HostMessage::PrepareRemove { cpu },
+            HostMessage::CancelRemove { cpu },
+            HostMessage::Snapshot,
+            HostMessage::Poweroff,
         ];
-        for m in msgs {
+        for fault in [Fault::RefuseOffline, Fault::ForceOffline, Fault::Silence] {
+            msgs.push(HostMessage::Fault {
+                fault,
+                cpu: Some(cpu),
+                ms: None,
+            });
+        }
+        msgs.push(HostMessage::Fault {
+            fault: Fault::DelayReport,
+            cpu: None,
+            ms: Some(u64::MAX),
+        });
+        msgs
+    }
+
+    #[test]
+    fn messages_round_trip_as_versioned_lines() {
+        for m in guest_messages() {
             let line = encode(&m);
             assert!(
-                line.ends_with('\n') && line.starts_with("{\"v\":1,"),
+                line.ends_with('\n') && line.starts_with("{\"v\":2,"),
                 "{line}"
             );
             let back: GuestMessage = decode(line.trim_end().as_bytes()).unwrap();
             assert_eq!(back, m);
         }
-        for m in [
-            HostMessage::PrepareRemove { cpu: 4095 },
-            HostMessage::Snapshot,
-            HostMessage::Poweroff,
-            HostMessage::Fault {
-                fault: Fault::RefuseOffline,
-                cpu: Some(4095),
-            },
-            HostMessage::Fault {
-                fault: Fault::ForceOffline,
-                cpu: Some(4095),
-            },
-            HostMessage::Fault {
-                fault: Fault::Silence,
-                cpu: None,
-            },
-        ] {
+        for m in longest_host_messages() {
             let line = encode(&m);
-            assert!(line.len() <= MAX_HOST_LINE, "{line}");
             assert_eq!(
                 decode::<HostMessage>(line.trim_end().as_bytes()).unwrap(),
                 m
             );
         }
+    }
+
+    #[test]
+    fn every_host_message_fits_the_uart_fifo() {
+        let mut longest = 0;
+        for m in longest_host_messages() {
+            let line = encode(&m);
+            assert!(line.len() <= MAX_HOST_LINE, "{} bytes: {line}", line.len());
+            longest = longest.max(line.len());
+        }
+        // The variants are all there (a new one must be added above).
+        let names: std::collections::HashSet<_> = longest_host_messages()
+            .iter()
+            .map(std::mem::discriminant)
+            .collect();
+        assert_eq!(names.len(), 5);
+        assert!(longest > 50, "the test covers the long ones: {longest}");
+    }
+
+    #[test]
+    fn the_wire_format_is_stable() {
+        let lines = [
+            (
+                encode(&GuestMessage::Cpu {
+                    cpu: 6,
+                    logical: Some(1),
+                    online: true,
+                    requested: true,
+                }),
+                r#"{"v":2,"type":"cpu","cpu":6,"logical":1,"online":true,"requested":true}"#,
+            ),
+            (
+                encode(&GuestMessage::Ready {
+                    version: "0.1.0".into(),
+                    online: vec![0, 6],
+                    cpus: vec![(0, 0), (6, 1)],
+                }),
+                r#"{"v":2,"type":"ready","version":"0.1.0","online":[0,6],"cpus":[[0,0],[6,1]]}"#,
+            ),
+            (
+                encode(&GuestMessage::Restored {
+                    cpu: 6,
+                    ok: true,
+                    reason: None,
+                }),
+                r#"{"v":2,"type":"restored","cpu":6,"ok":true}"#,
+            ),
+            (
+                encode(&GuestMessage::Fatal { reason: "x".into() }),
+                r#"{"v":2,"type":"fatal","reason":"x"}"#,
+            ),
+            (
+                encode(&HostMessage::CancelRemove { cpu: 6 }),
+                r#"{"v":2,"type":"cancel_remove","cpu":6}"#,
+            ),
+            (
+                encode(&HostMessage::Fault {
+                    fault: Fault::DelayReport,
+                    cpu: None,
+                    ms: Some(3000),
+                }),
+                r#"{"v":2,"type":"fault","f":"delay","ms":3000}"#,
+            ),
+            (
+                encode(&HostMessage::Fault {
+                    fault: Fault::RefuseOffline,
+                    cpu: Some(6),
+                    ms: None,
+                }),
+                r#"{"v":2,"type":"fault","f":"refuse_offline","cpu":6}"#,
+            ),
+        ];
+        for (line, want) in lines {
+            assert_eq!(line, format!("{want}\n"));
+        }
+        // Fields version 2 added may be left out by a peer.
+        let ready: GuestMessage =
+            decode(br#"{"v":2,"type":"ready","version":"1","online":[0]}"#).unwrap();
+        assert_eq!(
+            ready,
+            GuestMessage::Ready {
+                version: "1".into(),
+                online: vec![0],
+                cpus: vec![]
+            }
+        );
+        let cpu: GuestMessage = decode(br#"{"v":2,"type":"cpu","cpu":3,"online":false}"#).unwrap();
+        assert_eq!(
+            cpu,
+            GuestMessage::Cpu {
+                cpu: 3,
+                logical: None,
+                online: false,
+                requested: false
+            }
+        );
     }
 
     #[test]
@@ -299,23 +509,40 @@ mod tests {
             (b"", |e| matches!(e, DecodeError::Malformed(_))),
             (b"not json", |e| matches!(e, DecodeError::Malformed(_))),
             (b"[1,2]", |e| matches!(e, DecodeError::Malformed(_))),
-            (b"{\"v\":2,\"type\":\"heartbeat\"}", |e| {
-                matches!(e, DecodeError::Version(2))
+            (b"{\"v\":1,\"type\":\"heartbeat\"}", |e| {
+                matches!(e, DecodeError::Version(1))
+            }),
+            (b"{\"v\":3,\"type\":\"heartbeat\"}", |e| {
+                matches!(e, DecodeError::Version(3))
             }),
             (b"{\"type\":\"heartbeat\"}", |e| {
                 matches!(e, DecodeError::Malformed(_))
             }),
-            (b"{\"v\":1,\"type\":\"reboot\"}", |e| {
+            (b"{\"v\":2,\"type\":\"reboot\"}", |e| {
                 matches!(e, DecodeError::Malformed(_))
             }),
             (
-                b"{\"v\":1,\"type\":\"cpu\",\"cpu\":-1,\"online\":true}",
+                b"{\"v\":2,\"type\":\"cpu\",\"cpu\":-1,\"online\":true}",
                 |e| matches!(e, DecodeError::Malformed(_)),
             ),
             (
-                b"{\"v\":1,\"type\":\"cpu\",\"cpu\":1,\"online\":true,\"x\":1}",
+                b"{\"v\":2,\"type\":\"cpu\",\"cpu\":1,\"online\":true,\"x\":1}",
                 |e| matches!(e, DecodeError::Malformed(_)),
             ),
+            (
+                b"{\"v\":2,\"type\":\"cpu\",\"cpu\":1,\"logical\":-1,\"online\":true}",
+                |e| matches!(e, DecodeError::Malformed(_)),
+            ),
+            (
+                b"{\"v\":2,\"type\":\"ready\",\"version\":\"1\",\"online\":[],\"cpus\":[[1]]}",
+                |e| matches!(e, DecodeError::Malformed(_)),
+            ),
+            (b"{\"v\":2,\"type\":\"restored\",\"cpu\":1}", |e| {
+                matches!(e, DecodeError::Malformed(_))
+            }),
+            (b"{\"v\":2,\"type\":\"fatal\"}", |e| {
+                matches!(e, DecodeError::Malformed(_))
+            }),
             (b"\xff\xfe", |e| matches!(e, DecodeError::NotUtf8)),
         ];
         for (line, ok) in bad {
@@ -326,6 +553,20 @@ mod tests {
             decode::<GuestMessage>(&vec![b' '; MAX_LINE + 1]).unwrap_err(),
             DecodeError::TooLong
         );
+        for bad in [
+            &b"{\"v\":2,\"type\":\"cancel_remove\"}"[..],
+            b"{\"v\":2,\"type\":\"cancel_remove\",\"cpu\":4294967296}",
+            b"{\"v\":2,\"type\":\"fault\",\"fault\":\"silence\"}",
+            b"{\"v\":2,\"type\":\"fault\",\"f\":\"delay\",\"ms\":-1}",
+            b"{\"v\":2,\"type\":\"fault\",\"f\":\"delay_report\"}",
+        ] {
+            let e = decode::<HostMessage>(bad).unwrap_err();
+            assert!(
+                matches!(e, DecodeError::Malformed(_)),
+                "{:?} gave {e:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use api::agent::{decode, encode, GuestMessage, HostMessage, Line, WorkerInfo};
 use api::mailbox::{Inbound, Ring, DOORBELL, TO_GUEST, TO_HOST};
+use api::{VcpuList, VcpuState};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::layout::AGENT_MAILBOX_BASE;
@@ -153,6 +154,8 @@ pub struct AgentLink {
     ever_connected: bool,
     workers: Vec<WorkerInfo>,
     done: Vec<(u32, u64)>,
+    /// vCPU id -> Linux's logical number, as the agent last said.
+    guest_cpus: std::collections::BTreeMap<u32, u32>,
     counters: AgentCounters,
     /// Encoded host messages not yet taken by the UART's 64-byte receive
     /// FIFO (or the mailbox ring); pushed as the guest drains it.
@@ -203,10 +206,20 @@ impl AgentLink {
                 self.counters.messages += 1;
                 self.last_seen = Some(Instant::now());
                 match &msg {
-                    GuestMessage::Ready { version, .. } => {
-                        log::info!("agent: connected, version {version}");
+                    GuestMessage::Ready { version, cpus, .. } => {
+                        log::info!("agent: connected, version {version:?}");
                         self.version = Some(version.clone());
                         self.ever_connected = true;
+                        self.guest_cpus = cpus.iter().copied().collect();
+                    }
+                    GuestMessage::Cpu {
+                        cpu,
+                        logical: Some(logical),
+                        ..
+                    } => {
+                        // Linux reuses a number only once its CPU is gone.
+                        self.guest_cpus.retain(|_, l| l != logical);
+                        self.guest_cpus.insert(*cpu, *logical);
                     }
                     GuestMessage::Workers { workers, done } => {
                         self.workers = workers.clone();
@@ -220,6 +233,17 @@ impl AgentLink {
                 self.counters.dropped += 1;
                 log::warn!("agent: dropped a line: {e}");
                 None
+            }
+        }
+    }
+
+    /// Fills in Linux's number of each present (or removing) vCPU, as the
+    /// agent last said; others keep none (a vCPU being added may come
+    /// back under another number).
+    pub fn attach_guest_cpus(&self, list: &mut VcpuList) {
+        for v in &mut list.vcpus {
+            if matches!(v.state, VcpuState::Present | VcpuState::Removing) {
+                v.guest_cpu = self.guest_cpus.get(&v.id).copied();
             }
         }
     }
@@ -337,6 +361,49 @@ mod tests {
     }
 
     #[test]
+    fn link_knows_linux_numbers_of_present_vcpus() {
+        let mut link = AgentLink::new();
+        let line = |m: &GuestMessage| Some(encode(m).trim_end().as_bytes().to_vec());
+        link.on_line(line(&GuestMessage::Ready {
+            version: "1".into(),
+            online: vec![0, 6],
+            cpus: vec![(0, 0), (6, 1)],
+        }));
+        let cpu = |cpu, logical| GuestMessage::Cpu {
+            cpu,
+            logical: Some(logical),
+            online: true,
+            requested: true,
+        };
+        link.on_line(line(&cpu(3, 2)));
+        let vcpu = |id, state| api::VcpuInfo {
+            id,
+            state,
+            guest_online: None,
+            guest_cpu: None,
+            workers: None,
+        };
+        let mut list = VcpuList {
+            max_vcpus: 8,
+            vcpus: vec![
+                vcpu(0, VcpuState::Present),
+                vcpu(3, VcpuState::Removing),
+                vcpu(5, VcpuState::Present),
+                vcpu(6, VcpuState::Adding),
+            ],
+        };
+        link.attach_guest_cpus(&mut list);
+        let got: Vec<_> = list.vcpus.iter().map(|v| v.guest_cpu).collect();
+        assert_eq!(got, [Some(0), Some(2), None, None]);
+        // cpu1 now belongs to vCPU 5: vCPU 6 (gone) no longer has it.
+        link.on_line(line(&cpu(5, 1)));
+        list.vcpus[3].state = VcpuState::Present;
+        link.attach_guest_cpus(&mut list);
+        let got: Vec<_> = list.vcpus.iter().map(|v| v.guest_cpu).collect();
+        assert_eq!(got, [Some(0), Some(2), Some(1), None]);
+    }
+
+    #[test]
     fn link_tracks_connection_and_drops_bad_lines() {
         let mut link = AgentLink::new();
         assert_eq!(link.connection_state(), None);
@@ -347,6 +414,7 @@ mod tests {
         let ready = encode(&GuestMessage::Ready {
             version: "1.2.3".into(),
             online: vec![0],
+            cpus: vec![(0, 0)],
         });
         assert!(link
             .on_line(Some(ready.trim_end().as_bytes().to_vec()))

@@ -233,6 +233,7 @@ impl CpuManager {
                     id: u32::try_from(i).unwrap_or(u32::MAX),
                     state: s.state,
                     guest_online: s.guest_online,
+                    guest_cpu: None,
                     workers: None,
                 })
                 .collect(),

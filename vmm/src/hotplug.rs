@@ -330,6 +330,7 @@ impl Hotplug {
                 cpu,
                 online,
                 requested,
+                ..
             } => {
                 if !online && !requested {
                     log::warn!(
@@ -341,6 +342,15 @@ impl Hotplug {
             GuestMessage::Prepared { cpu, ok, reason } => self.on_prepared(cpu, ok, reason),
             GuestMessage::Workers { .. } => self.snapshot_at = Some(Instant::now()),
             GuestMessage::Heartbeat => {}
+            // Not acted on yet (the removal rework will): logged only.
+            GuestMessage::Restored { cpu, ok, reason } => {
+                log::info!(
+                    "agent: CPU {cpu} restored after a cancelled removal: ok={ok} {reason:?}"
+                );
+            }
+            GuestMessage::Fatal { reason } => {
+                log::error!("agent: failed and powers the guest off: {reason:?}");
+            }
         }
     }
 
@@ -545,6 +555,7 @@ impl Hotplug {
     /// Every vCPU, with its workers from the agent's last snapshot.
     fn vcpu_list(&self) -> VcpuList {
         let mut list = self.cpus.vcpu_list();
+        self.agent.attach_guest_cpus(&mut list);
         let workers = self.snapshot_at.map(|_| self.agent.workers().0);
         decide::attach_workers(&mut list, workers);
         list

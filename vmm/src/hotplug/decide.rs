@@ -137,6 +137,7 @@ pub(super) fn fault_step(
     Ok(FaultStep::Agent(HostMessage::Fault {
         fault: agent_fault,
         cpu,
+        ms: None,
     }))
 }
 
@@ -310,14 +311,16 @@ mod tests {
             fault_step(FaultKind::AgentForceOffline, Some(1), 4, true),
             Ok(FaultStep::Agent(HostMessage::Fault {
                 fault: Fault::ForceOffline,
-                cpu: Some(1)
+                cpu: Some(1),
+                ms: None
             }))
         );
         assert_eq!(
             fault_step(FaultKind::AgentSilence, None, 4, true),
             Ok(FaultStep::Agent(HostMessage::Fault {
                 fault: Fault::Silence,
-                cpu: None
+                cpu: None,
+                ms: None
             }))
         );
         assert_eq!(
@@ -384,6 +387,7 @@ mod tests {
             id,
             state,
             guest_online: None,
+            guest_cpu: None,
             workers: None,
         };
         let mut list = VcpuList {

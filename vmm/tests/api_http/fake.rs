@@ -98,6 +98,7 @@ impl FakeState {
                     id: u32::try_from(i).unwrap(),
                     state: *state,
                     guest_online: *online,
+                    guest_cpu: None,
                     workers: self.snapshot.as_ref().map(|s| {
                         let id = u32::try_from(i).unwrap();
                         s.on_cpu(id).cloned().collect()
