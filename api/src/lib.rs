@@ -17,23 +17,23 @@
 //!   served only by a VMM started with `--test-hooks`; otherwise they answer
 //!   `404` like an unknown path.
 //!
-//! No unsafe code, except [`mailbox`]'s ring over shared guest memory.
+//! No unsafe code.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod error;
 pub mod fault;
 pub mod guest;
-#[allow(unsafe_code)]
-pub mod mailbox;
 pub mod operation;
 pub mod routes;
 pub mod vcpu;
 pub mod vm;
 
+/// The guest-agent protocol and its mailbox, from the `agent-proto` crate
+/// (re-exported so `api::agent::...` paths keep working).
+pub use agent_proto::{agent, mailbox};
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use fault::{FaultInjected, FaultKind, FaultRequest, FaultTarget};
 pub use guest::{CpuWork, GuestWorker, GuestWorkers};

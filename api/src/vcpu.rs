@@ -53,15 +53,16 @@ impl std::fmt::Display for VcpuState {
 /// One possible vCPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuInfo {
-    /// vCPU id (= APIC id).
+    /// vCPU id (= APIC ID = KVM vCPU id = the ACPI processor's `_UID`).
     pub id: u32,
     /// What the VMM is doing with it.
     pub state: VcpuState,
     /// Whether the guest has it online; absent until the guest has said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_online: Option<bool>,
-    /// Linux's logical CPU number for it (`cpuN` in the guest), which is
-    /// not its id; absent until the guest agent has said.
+    /// Linux's logical number for it in the guest (`cpuN`), which differs
+    /// from `id` when vCPUs were added out of order; absent while unknown
+    /// (no agent, or not present).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_cpu: Option<u32>,
     /// The guest's worker threads for this CPU, from the agent's last
@@ -149,10 +150,20 @@ mod tests {
     fn vcpu_info_guest_online_optional() {
         let v: VcpuInfo = serde_json::from_str(r#"{"id": 2, "state": "adding"}"#).unwrap();
         assert_eq!(v.guest_online, None);
+        assert_eq!(v.guest_cpu, None);
         assert_eq!(v.workers, None);
         assert_eq!(
             serde_json::to_string(&v).unwrap(),
             r#"{"id":2,"state":"adding"}"#
+        );
+        let v: VcpuInfo = serde_json::from_str(
+            r#"{"id": 6, "state": "present", "guest_online": true, "guest_cpu": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(v.guest_cpu, Some(1));
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            r#"{"id":6,"state":"present","guest_online":true,"guest_cpu":1}"#
         );
         assert!(VcpuState::Adding.in_flight());
         assert!(!VcpuState::Present.in_flight());

@@ -206,7 +206,7 @@ fn schemas_match_the_types() {
         id: 1,
         state: VcpuState::Present,
         guest_online: Some(true),
-        guest_cpu: Some(3),
+        guest_cpu: Some(1),
         workers: Some(vec![worker.clone()]),
     };
     let vcpu_min = VcpuInfo {

@@ -10,6 +10,16 @@
 //! loop ([`crate::event_loop`]) drains. So the whole protocol runs on a
 //! host against a fake sysfs tree and a fake uevent source.
 //!
+//! # vCPU ids and logical numbers
+//! Messages name CPUs by vCPU id, sysfs and the registry by Linux's
+//! logical number (`cpuN`); they differ as soon as vCPUs are added out of
+//! order. The agent's [`IdMap`] translates (`agent_ids.rs`): every `cpuN`
+//! met (at start-up, on each `add` uevent before anything else) has its
+//! id read from `cpuN/firmware_node/uid`, else from the APIC ID of
+//! `/proc/cpuinfo`; a `remove` uevent forgets it. An id the map lacks is
+//! looked for again (the firmware node of a hot-added CPU appears just
+//! after its `add` uevent) before the agent gives up on it.
+//!
 //! # CPU transitions
 //! | input                               | action                                                      |
 //! |-------------------------------------|-------------------------------------------------------------|
@@ -18,6 +28,7 @@
 //! | `offline`/`remove`, registry online | registry `forced_offline` (park late); report `requested:false` |
 //! | `prepare_remove`                    | registry `offline` (park, synchronous), write 0, answer     |
 //! | ... the write fails                 | registry `failed_offline` (unpark), answer `ok:false`       |
+//! | `cancel_remove`, CPU offline        | registry `prepare`, write 1, registry `online`, answer      |
 //!
 //! The hotplug lock is held across each sysfs write, as the kernel holds
 //! its own. A CPU is reported to the VMM only when sysfs and the registry
@@ -25,17 +36,22 @@
 //!
 //! # Messages to the VMM
 //! `ready` first; `cpu` on every change of the reported online set;
-//! `prepared` answers; `workers` when its structure (threads, statuses,
+//! `prepared` and `restored` answers (each ahead of the `cpu` report its
+//! action queued); `workers` when its structure (threads, statuses,
 //! setup/park/unpark counts) changed, at most once per
 //! [`WORKERS_DEBOUNCE`], and on request; `heartbeat` after
 //! [`HEARTBEAT_MS`] without any other message. After a `silence` fault
 //! nothing at all.
 //!
 //! Console lines (few: each costs ~15 ms nested):
-//! - `GUEST-READY nproc=2 online=0-1 present=0-1 possible=0-7 up=1.52 agent=1 mailbox=1 workers=3`
-//! - `GUEST-CPU online=0-2` when the reported set changed (` forced=N` if
-//!   CPU N went down unasked)
+//! - `GUEST-READY nproc=2 online=0-1 present=0-1 possible=0-7 vcpus=0,6 up=1.52 agent=1 mailbox=1 workers=3`
+//!   (`online`, `present`, `possible`: logical numbers; `vcpus`: the vCPU
+//!   ids of the online CPUs)
+//! - `GUEST-CPU online=0-2 vcpus=0,3,6` when the reported set changed
+//!   (` forced=N forced_vcpu=I` if cpuN, vCPU I, went down unasked)
 //! - `GUEST-ERROR ...` when something failed but the agent goes on
+//! - `GUEST-WARN ...` when a vCPU id came from the APIC ID (no firmware
+//!   node) or replaced another pairing
 //! - `GUEST-TRACE up=12.34 ...` per CPU event with `agent.trace`
 
 use std::collections::BTreeSet;
@@ -44,17 +60,23 @@ use std::mem;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::agent::{decode, Fault, GuestMessage, HostMessage, Line, HEARTBEAT_MS};
+use agent_proto::agent::{decode, GuestMessage, HostMessage, Line, HEARTBEAT_MS};
 use smpboot::{
     CpuEvent, CpuEventKind, CpuState, Placement, Registry, RegistryError, Topology, TopologyError,
 };
 use thiserror::Error;
 
 use crate::cmdline::Options;
+use crate::ids::IdMap;
 use crate::init::MountError;
 use crate::sysfs::{CpuList, SysfsError};
 use crate::topology::SysfsTopology;
 use crate::workers::{self, Workers, WorkersError};
+
+#[path = "agent_ids.rs"]
+mod ids;
+#[path = "agent_removal.rs"]
+mod removal;
 
 /// Least time between two unrequested `workers` messages.
 pub const WORKERS_DEBOUNCE: Duration = Duration::from_millis(500);
@@ -137,8 +159,15 @@ pub struct Agent {
     reported: CpuList,
     /// CPUs this agent wrote 1 to and has not seen online yet.
     onlining: BTreeSet<u32>,
-    /// CPUs whose next `prepare_remove` is refused (test fault).
+    /// vCPU id <-> logical number of every CPU met.
+    ids: IdMap,
+    /// vCPU ids whose next `prepare_remove` is refused (test fault).
     refuse: BTreeSet<u32>,
+    /// Hold the next hot-added CPU's online report back this long (test
+    /// fault).
+    delay_next: Option<Duration>,
+    /// Reports held back, with when each goes out.
+    held: Vec<(Instant, GuestMessage)>,
     silenced: bool,
     out: Outbox,
     last_sent: Instant,
@@ -242,7 +271,10 @@ impl Agent {
             opts,
             reported: online.iter().copied().collect(),
             onlining: BTreeSet::new(),
+            ids: IdMap::new(),
             refuse: BTreeSet::new(),
+            delay_next: None,
+            held: Vec::new(),
             silenced: false,
             out: Outbox::default(),
             last_sent: Instant::now(),
@@ -260,10 +292,20 @@ impl Agent {
             );
             agent.out.console.push(line);
         }
+        agent.learn_present();
+        let online_ids = agent.vcpus(&online.iter().copied().collect());
+        let unknown: Vec<u32> = online
+            .iter()
+            .copied()
+            .filter(|&c| agent.ids.id(c).is_none())
+            .collect();
+        for cpu in unknown {
+            agent.error(format!("cpu{cpu} is online but its vCPU id is unknown"));
+        }
         agent.send(GuestMessage::Ready {
             version: cfg.version,
-            online,
-            cpus: Vec::new(),
+            online: online_ids.iter().collect(),
+            cpus: agent.ids.pairs(),
         });
         if agent.opts.autoonline {
             let present = agent.topo.present_cpus()?;
@@ -274,8 +316,9 @@ impl Agent {
         }
         let sysfs = agent.topo.sysfs();
         let (online, present, possible) = (sysfs.online()?, sysfs.present()?, sysfs.possible()?);
+        let vcpus = agent.vcpus(&online);
         let mut ready = format!(
-            "GUEST-READY nproc={} online={online} present={present} possible={possible}",
+            "GUEST-READY nproc={} online={online} present={present} possible={possible} vcpus={vcpus}",
             online.len()
         );
         if let Some(up) = uptime() {
@@ -356,6 +399,11 @@ impl Agent {
     /// Reacts to one CPU event.
     pub fn on_cpu_event(&mut self, event: CpuEvent) {
         self.trace(&format!("{:?} cpu={}", event.kind, event.cpu));
+        if event.kind == CpuEventKind::Added {
+            // Before anything else: which vCPU this number is now.
+            self.ids.forget(event.cpu);
+            self.learn(event.cpu);
+        }
         match event.kind {
             CpuEventKind::Added if self.opts.autoonline => match self.topo.is_online(event.cpu) {
                 Ok(false) => self.bring_up(event.cpu),
@@ -364,7 +412,11 @@ impl Agent {
             },
             CpuEventKind::Added => {}
             CpuEventKind::Online => self.came_online(event.cpu),
-            CpuEventKind::Offline | CpuEventKind::Removed => self.went_offline(event.cpu),
+            CpuEventKind::Offline => self.went_offline(event.cpu),
+            CpuEventKind::Removed => {
+                self.went_offline(event.cpu);
+                self.ids.forget(event.cpu);
+            }
         }
     }
 
@@ -420,7 +472,7 @@ impl Agent {
             Ok(requested) => {
                 self.workers_dirty = true;
                 self.workers.workload().set_online(cpu, true);
-                self.reconcile(cpu, requested);
+                self.reconcile(cpu, requested, requested);
             }
             Err(RegistryError::UnknownCpu(_)) => {}
             Err(e) => self.error(format!("cpu={cpu} workers: {e}")),
@@ -447,12 +499,13 @@ impl Agent {
             self.workers.workload().set_online(cpu, false);
             self.trace(&format!("forced offline cpu={cpu}"));
         }
-        self.reconcile(cpu, !forced);
+        self.reconcile(cpu, !forced, false);
     }
 
     /// Reports `cpu` if sysfs and the registry agree on a state that
-    /// differs from the one last reported.
-    fn reconcile(&mut self, cpu: u32, requested: bool) {
+    /// differs from the one last reported. `hot_added`: the online report
+    /// of a CPU the agent brought up, which a `delay` fault holds back.
+    fn reconcile(&mut self, cpu: u32, requested: bool, hot_added: bool) {
         let online = match self.topo.is_online(cpu) {
             Ok(online) => online,
             Err(e) => return self.error(e.to_string()),
@@ -461,77 +514,39 @@ impl Agent {
         if online != registry_online || self.reported.contains(cpu) == online {
             return;
         }
+        let Some(id) = self.id_of(cpu) else {
+            let state = if online { "online" } else { "offline" };
+            return self.error(format!("cpu{cpu} {state}: vCPU id unknown, not reported"));
+        };
         if online {
             self.reported.insert(cpu);
         } else {
             self.reported.remove(cpu);
         }
-        self.send(GuestMessage::Cpu {
-            cpu,
-            logical: None,
+        let msg = GuestMessage::Cpu {
+            cpu: id,
+            logical: Some(cpu),
             online,
             requested,
-        });
+        };
+        // A held report of this CPU is stale now.
+        self.held
+            .retain(|(_, m)| !matches!(m, GuestMessage::Cpu { cpu: c, .. } if *c == id));
+        match self.delay_next.filter(|_| online && hot_added) {
+            Some(delay) => {
+                self.delay_next = None;
+                self.trace(&format!("report of cpu={cpu} vcpu={id} held {delay:?}"));
+                self.held.push((Instant::now() + delay, msg));
+            }
+            None => self.send(msg),
+        }
         if !self.opts.quiet {
-            let mut line = format!("GUEST-CPU online={}", self.reported);
+            let vcpus = self.vcpus(&self.reported);
+            let mut line = format!("GUEST-CPU online={} vcpus={vcpus}", self.reported);
             if !online && !requested {
-                line.push_str(&format!(" forced={cpu}"));
+                line.push_str(&format!(" forced={cpu} forced_vcpu={id}"));
             }
             self.out.console.push(line);
-        }
-    }
-
-    /// The graceful removal protocol: park `cpu`'s workers (synchronously),
-    /// write 0 to its `online`, and answer; if the write fails, unpark
-    /// them again and answer with the reason.
-    pub fn prepare_remove(&mut self, cpu: u32) -> GuestMessage {
-        let answer = |ok: bool, reason: Option<String>| GuestMessage::Prepared { cpu, ok, reason };
-        let state = match self.registry.cpu_state(cpu) {
-            Ok(state) => state,
-            Err(e) => return answer(false, Some(e.to_string())),
-        };
-        if state != CpuState::Online {
-            return match self.topo.is_online(cpu) {
-                // Down already (forced, or asked twice): nothing runs there.
-                Ok(false) => {
-                    self.reconcile(cpu, true);
-                    answer(true, None)
-                }
-                Ok(true) => answer(false, Some(format!("cpu{cpu} workers are {state}"))),
-                Err(e) => answer(false, Some(e.to_string())),
-            };
-        }
-        let refuse = self.refuse.remove(&cpu);
-        let work = Arc::clone(self.workers.workload());
-        work.set_online(cpu, false);
-        let outcome = (|| {
-            let mut hp = self.registry.hotplug().map_err(|e| e.to_string())?;
-            hp.offline(cpu).map_err(|e| e.to_string())?;
-            let write = if refuse {
-                Err(REFUSED_BY_FAULT.to_owned())
-            } else {
-                self.topo.set_online(cpu, false).map_err(|e| reason(&e))
-            };
-            if let Err(why) = write {
-                // CPU_DOWN_FAILED: the workers run again.
-                return Err(match hp.failed_offline(cpu) {
-                    Ok(()) => why,
-                    Err(e) => format!("{why} (and the rollback failed: {e})"),
-                });
-            }
-            Ok(())
-        })();
-        self.workers_dirty = true;
-        match outcome {
-            Ok(()) => {
-                self.reconcile(cpu, true);
-                answer(true, None)
-            }
-            Err(why) => {
-                work.set_online(cpu, true);
-                self.error(format!("cpu={cpu} offline: {why}"));
-                answer(false, Some(why))
-            }
         }
     }
 
@@ -558,44 +573,28 @@ impl Agent {
     pub fn on_host(&mut self, msg: HostMessage) -> Option<Exit> {
         match msg {
             // A silenced agent plays hung: it acts on nothing the VMM asks.
-            HostMessage::PrepareRemove { .. } | HostMessage::Snapshot if self.silenced => {}
-            HostMessage::CancelRemove { .. } => {}
-            HostMessage::PrepareRemove { cpu } => {
-                // The answer goes ahead of the `cpu` report the offline
-                // queued: the VMM's next step waits on the answer alone.
-                let queued = self.out.host.len();
-                let answer = self.prepare_remove(cpu);
-                self.send(answer);
-                if let Some(answer) = self.out.host.pop() {
-                    let at = queued.min(self.out.host.len());
-                    self.out.host.insert(at, answer);
-                }
-            }
+            HostMessage::PrepareRemove { .. }
+            | HostMessage::CancelRemove { .. }
+            | HostMessage::Snapshot
+                if self.silenced => {}
+            HostMessage::PrepareRemove { cpu } => self.answer_first(|a| a.prepare_remove(cpu)),
+            HostMessage::CancelRemove { cpu } => self.answer_first(|a| a.cancel_remove(cpu)),
             HostMessage::Snapshot => self.send_workers(true, Instant::now()),
             HostMessage::Poweroff => return Some(Exit::PowerOff("reason=host".into())),
-            HostMessage::Fault { fault, cpu } => self.on_fault(fault, cpu),
+            HostMessage::Fault { fault, cpu, ms } => self.on_fault(fault, cpu, ms),
         }
         None
     }
 
-    fn on_fault(&mut self, fault: Fault, cpu: Option<u32>) {
-        self.trace(&format!("fault {fault:?} cpu={cpu:?}"));
-        match (fault, cpu) {
-            (Fault::RefuseOffline, Some(cpu)) => {
-                self.refuse.insert(cpu);
-            }
-            // As an admin would: the uevent path must notice.
-            (Fault::ForceOffline, Some(cpu)) => {
-                if let Err(e) = self.topo.set_online(cpu, false) {
-                    self.error(format!("cpu={cpu} force offline: {}", reason(&e)));
-                }
-            }
-            (Fault::Silence, _) => {
-                self.silenced = true;
-                self.out.host.clear();
-                self.out.console.push("GUEST-AGENT silenced".into());
-            }
-            (Fault::RefuseOffline | Fault::ForceOffline, None) => self.dropped_lines += 1,
+    /// Runs `act` and sends its answer ahead of the `cpu` report the
+    /// action queued: the VMM's next step waits on the answer alone.
+    fn answer_first(&mut self, act: impl FnOnce(&mut Self) -> GuestMessage) {
+        let queued = self.out.host.len();
+        let answer = act(self);
+        self.send(answer);
+        if let Some(answer) = self.out.host.pop() {
+            let at = queued.min(self.out.host.len());
+            self.out.host.insert(at, answer);
         }
     }
 
@@ -604,15 +603,15 @@ impl Agent {
         let Ok(snapshot) = self.registry.snapshot() else {
             return;
         };
-        let msg = self.workers.message(&snapshot);
-        let GuestMessage::Workers { workers: infos, .. } = &msg else {
+        let GuestMessage::Workers { workers, done } = self.workers.message(&snapshot) else {
             return;
         };
-        let structure = workers::structure(infos);
+        let (workers, done) = self.by_vcpu_id(workers, done);
+        let structure = workers::structure(&workers);
         if force || self.workers_sent.as_ref() != Some(&structure) {
             self.workers_sent = Some(structure);
             self.workers_sent_at = Some(now);
-            self.send(msg);
+            self.send(GuestMessage::Workers { workers, done });
         }
     }
 
@@ -637,6 +636,13 @@ impl Agent {
             return;
         }
         let queued = self.out.host.len();
+        let (due, later): (Vec<_>, Vec<_>) = mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.held = later;
+        for (_, msg) in due {
+            self.send(msg);
+        }
         if now >= self.workers_due(now) {
             self.workers_checked = Some(now);
             self.workers_dirty = false;
@@ -660,7 +666,9 @@ impl Agent {
         }
         let heartbeat = self.last_sent + Duration::from_millis(HEARTBEAT_MS);
         let workers = self.workers_due(now);
-        Some(heartbeat.min(workers).saturating_duration_since(now))
+        let held = self.held.iter().map(|(at, _)| *at).min();
+        let next = heartbeat.min(workers).min(held.unwrap_or(heartbeat));
+        Some(next.saturating_duration_since(now))
     }
 }
 

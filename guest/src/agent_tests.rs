@@ -9,7 +9,7 @@ use crate::sysfs::tests::FakeCpus;
 use crate::topology::tests::FakeUevents;
 use crate::workers::tests::{eventually, FoldPlacement};
 use crate::workers::{worker_infos, KSOFTIRQD, RCUC, WATCHDOG};
-use api::agent::{encode, WorkerInfo, MAX_LINE};
+use agent_proto::agent::{encode, Fault, WorkerInfo, MAX_LINE};
 use smpboot::ThreadSnapshot;
 
 struct Rig {
@@ -19,7 +19,20 @@ struct Rig {
 }
 
 fn rig(tag: &str, possible: &str, present: &str, online: &str, cmdline: &str) -> Rig {
+    rig_with(tag, possible, present, online, cmdline, |_| {})
+}
+
+/// A rig whose fake sysfs `edit` changes before the agent starts.
+fn rig_with(
+    tag: &str,
+    possible: &str,
+    present: &str,
+    online: &str,
+    cmdline: &str,
+    edit: impl FnOnce(&FakeCpus),
+) -> Rig {
     let fake = FakeCpus::new(tag, possible, present, online);
+    edit(&fake);
     let events = FakeUevents::default();
     let topo = SysfsTopology::new(fake.sysfs(), Box::new(events.clone()), false).unwrap();
     let cfg = AgentConfig {
@@ -45,12 +58,22 @@ fn booted(tag: &str) -> Rig {
     r
 }
 
+/// The report of cpuN as vCPU N (numbered as booted).
 fn cpu_msg(cpu: u32, online: bool, requested: bool) -> GuestMessage {
     GuestMessage::Cpu {
         cpu,
-        logical: None,
+        logical: Some(cpu),
         online,
         requested,
+    }
+}
+
+/// A fault message without a delay.
+fn fault(fault: Fault, cpu: Option<u32>) -> HostMessage {
+    HostMessage::Fault {
+        fault,
+        cpu,
+        ms: None,
     }
 }
 
@@ -73,12 +96,18 @@ impl Rig {
         self.fake.set(file, &format!("{list}\n"));
     }
 
-    /// ACPI hot-add: the device appears offline and `add` is sent.
+    /// ACPI hot-add of vCPU N as cpuN: the device appears offline and
+    /// `add` is sent.
     fn hot_add(&self, cpu: u32) {
-        std::fs::create_dir_all(self.fake.0.join(format!("cpu{cpu}"))).unwrap();
-        self.fake.set(&format!("cpu{cpu}/online"), "0\n");
-        self.edit_list("present", cpu, true);
-        self.events.event("add", cpu);
+        self.hot_add_as(cpu, cpu);
+    }
+
+    /// ACPI hot-add of vCPU `id`, which Linux numbers `cpu{logical}`.
+    fn hot_add_as(&self, logical: u32, id: u32) {
+        self.fake.add_cpu(logical, id);
+        self.fake.set(&format!("cpu{logical}/online"), "0\n");
+        self.edit_list("present", logical, true);
+        self.events.event("add", logical);
     }
 
     /// The kernel brought `cpu` up after the agent's write of 1.
@@ -164,7 +193,7 @@ fn start_says_ready_and_registers_the_workers() {
         [GuestMessage::Ready {
             version: "9.9.9".into(),
             online: vec![0, 1],
-            cpus: Vec::new(),
+            cpus: vec![(0, 0), (1, 1)],
         }]
     );
     assert_eq!(out.console.len(), 3, "{:?}", out.console);
@@ -213,7 +242,7 @@ fn hot_add_prepares_onlines_then_unparks() {
     r.kernel_online(2);
     let out = r.handle();
     assert_eq!(out.host, [cpu_msg(2, true, true)]);
-    assert_eq!(out.console, ["GUEST-CPU online=0-2"]);
+    assert_eq!(out.console, ["GUEST-CPU online=0-2 vcpus=0-2"]);
     assert!(r.infos_on(2).iter().all(|i| i.status == "active"));
     r.wait_setup(2);
     // Work queued on CPU 2 is done there.
@@ -247,7 +276,7 @@ fn prepare_remove_parks_then_offlines_and_a_re_add_reuses_the_threads() {
         [prepared(2, true, None), cpu_msg(2, false, true)],
         "{out:?}"
     );
-    assert_eq!(out.console, ["GUEST-CPU online=0-1"]);
+    assert_eq!(out.console, ["GUEST-CPU online=0-1 vcpus=0-1"]);
     assert_eq!(r.fake.get("cpu2/online"), "0");
     assert_eq!(r.state(2), CpuState::Offline);
     // Parked synchronously: the park callbacks already ran.
@@ -297,7 +326,7 @@ fn a_failed_offline_write_rolls_back_with_the_errno() {
     );
     assert_eq!(
         out.console,
-        ["GUEST-ERROR cpu=2 offline: ENOENT: No such file or directory"]
+        ["GUEST-ERROR cpu=2 vcpu=2 offline: ENOENT: No such file or directory"]
     );
     assert_eq!(r.state(2), CpuState::Online, "CPU_DOWN_FAILED rollback");
     assert!(r.infos_on(2).iter().all(|i| i.status == "active"));
@@ -311,10 +340,7 @@ fn refuse_offline_fault_parks_rolls_back_once() {
     let mut r = booted("refuse");
     r.add_online(2);
     r.wait_setup(2);
-    let fault = HostMessage::Fault {
-        fault: Fault::RefuseOffline,
-        cpu: Some(2),
-    };
+    let fault = fault(Fault::RefuseOffline, Some(2));
     assert!(r.host(fault).host.is_empty());
     let out = r.host(HostMessage::PrepareRemove { cpu: 2 });
     assert_eq!(out.host, [prepared(2, false, Some(REFUSED_BY_FAULT))]);
@@ -332,10 +358,7 @@ fn force_offline_fault_is_detected_as_forced() {
     let mut r = booted("force");
     r.add_online(2);
     r.wait_setup(2);
-    let fault = HostMessage::Fault {
-        fault: Fault::ForceOffline,
-        cpu: Some(2),
-    };
+    let fault = fault(Fault::ForceOffline, Some(2));
     let out = r.host(fault);
     assert!(out.host.is_empty(), "reported from the uevent: {out:?}");
     assert_eq!(r.fake.get("cpu2/online"), "0", "written directly");
@@ -343,7 +366,10 @@ fn force_offline_fault_is_detected_as_forced() {
     r.kernel_offline(2);
     let out = r.handle();
     assert_eq!(out.host, [cpu_msg(2, false, false)]);
-    assert_eq!(out.console, ["GUEST-CPU online=0-1 forced=2"]);
+    assert_eq!(
+        out.console,
+        ["GUEST-CPU online=0-1 vcpus=0-1 forced=2 forced_vcpu=2"]
+    );
     assert_eq!(r.state(2), CpuState::Offline);
     let snap = r.agent.registry().snapshot().unwrap();
     assert_eq!(snap.forced_offlines, 1);
@@ -383,10 +409,7 @@ fn a_cpu_onlined_behind_the_agents_back_gets_workers() {
 #[test]
 fn silence_stops_every_message_but_not_the_workers() {
     let mut r = booted("silence");
-    let out = r.host(HostMessage::Fault {
-        fault: Fault::Silence,
-        cpu: None,
-    });
+    let out = r.host(fault(Fault::Silence, None));
     assert!(out.host.is_empty());
     assert_eq!(out.console, ["GUEST-AGENT silenced"]);
     assert!(r.agent.is_silenced());
@@ -401,7 +424,7 @@ fn silence_stops_every_message_but_not_the_workers() {
     // CPU events are still followed.
     let out = r.add_online(2);
     assert!(out.host.is_empty());
-    assert_eq!(out.console, ["GUEST-CPU online=0-2"]);
+    assert_eq!(out.console, ["GUEST-CPU online=0-2 vcpus=0-2"]);
     r.wait_setup(2);
     let work = Arc::clone(r.agent.workers().workload());
     work.queue(2, 5);
@@ -414,33 +437,32 @@ fn bad_host_input_is_dropped() {
     let lines: [&[u8]; 6] = [
         b"",
         b"not json",
-        b"{\"v\":2,\"type\":\"snapshot\"}",
-        b"{\"v\":1,\"type\":\"reboot\"}",
-        b"{\"v\":1,\"type\":\"prepare_remove\",\"cpu\":-1}",
+        b"{\"v\":1,\"type\":\"snapshot\"}",
+        b"{\"v\":2,\"type\":\"reboot\"}",
+        b"{\"v\":2,\"type\":\"prepare_remove\",\"cpu\":-1}",
         b"\xff\xfe",
     ];
     for line in lines {
         assert_eq!(r.agent.on_host_line(Line::Complete(line.to_vec())), None);
     }
     assert_eq!(r.agent.on_host_line(Line::Oversized), None);
-    let no_cpu = HostMessage::Fault {
-        fault: Fault::ForceOffline,
-        cpu: None,
-    };
+    let no_cpu = fault(Fault::ForceOffline, None);
     assert!(r.host(no_cpu).host.is_empty());
     assert_eq!(r.agent.dropped_lines(), 8);
     assert!(r.agent.take_output().host.is_empty());
     // Unknown CPUs get an answer, never a panic.
     let out = r.host(HostMessage::PrepareRemove { cpu: 4095 });
-    assert_eq!(out.host, [prepared(4095, false, Some("unknown CPU 4095"))]);
+    let none = "no CPU is vCPU 4095 in the guest";
+    assert_eq!(out.host, [prepared(4095, false, Some(none))]);
     let out = r.host(HostMessage::PrepareRemove { cpu: 5 });
-    assert_eq!(out.host, [prepared(5, true, None)], "possible, never up");
-    let out = r.host(HostMessage::Fault {
-        fault: Fault::ForceOffline,
-        cpu: Some(9),
-    });
-    assert_eq!(out.console.len(), 1, "{out:?}");
-    assert!(out.console[0].starts_with("GUEST-ERROR cpu=9 force offline: ENOENT"));
+    let none = "no CPU is vCPU 5 in the guest";
+    assert_eq!(out.host, [prepared(5, false, Some(none))], "never added");
+    let out = r.host(fault(Fault::ForceOffline, Some(9)));
+    assert_eq!(
+        out.console,
+        ["GUEST-ERROR vcpu=9 force offline: no such CPU"],
+        "{out:?}"
+    );
     // A valid line after all that still works.
     let line = encode(&HostMessage::Poweroff);
     let exit = r
@@ -538,3 +560,6 @@ fn reasons_name_the_errno() {
         "CPU 3 did not go down"
     );
 }
+
+#[path = "agent_ids_tests.rs"]
+mod ids;

@@ -1,5 +1,5 @@
 //! The agent's link to the VMM: `/dev/ttyS1` (the VMM's COM2, a 16550),
-//! raw mode, 115200 8N1, no echo, line-delimited JSON (`api::agent`).
+//! raw mode, 115200 8N1, no echo, line-delimited JSON (`agent_proto::agent`).
 //!
 //! The descriptor is non-blocking. Outgoing lines are queued and written
 //! as far as the tty takes them ([`Channel::flush`]); the event loop polls
@@ -9,7 +9,7 @@
 //!
 //! With the VMM's mailbox attached ([`Channel::attach_mailbox`]) the bytes
 //! go through its shared-memory rings instead and the UART carries one
-//! doorbell byte per flush (see `api::mailbox`): a few VM exits per
+//! doorbell byte per flush (see `agent_proto::mailbox`): a few VM exits per
 //! message instead of one or two per byte.
 
 use std::ffi::CString;
@@ -18,8 +18,8 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use api::agent::Line;
-use api::mailbox::{Inbound, DOORBELL};
+use agent_proto::agent::Line;
+use agent_proto::mailbox::{Inbound, DOORBELL};
 use thiserror::Error;
 
 use crate::mailbox::GuestMailbox;
@@ -409,7 +409,7 @@ mod tests {
 
     #[test]
     fn the_mailbox_carries_the_bytes_and_the_tty_only_doorbells() {
-        use api::mailbox::{Ring, MAILBOX_SIZE, TO_GUEST, TO_HOST};
+        use agent_proto::mailbox::{Ring, MAILBOX_SIZE, TO_GUEST, TO_HOST};
         let mut memory = vec![0u64; MAILBOX_SIZE / 8];
         let base = memory.as_mut_ptr().cast::<u8>();
         // SAFETY: `memory` is aligned, MAILBOX_SIZE bytes and outlives

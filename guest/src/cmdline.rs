@@ -43,7 +43,7 @@ pub struct Options {
     /// `agent.readonly`: refuse every write to sysfs.
     pub readonly: bool,
     /// `agent.mailbox=` (default on): talk to the VMM through its shared
-    /// memory mailbox when it serves one (`api::mailbox`); off: UART bytes only.
+    /// memory mailbox when it serves one (`agent_proto::mailbox`); off: UART bytes only.
     pub mailbox: bool,
     /// `agent.*` parameters that were not understood, verbatim.
     pub unknown: Vec<String>,

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::agent::encode;
+use agent_proto::agent::encode;
 
 use crate::agent::{Agent, AgentConfig, AgentError, Exit};
 use crate::channel::{self, Channel};
@@ -21,6 +21,7 @@ use crate::cmdline::{Options, PowerOffWhen};
 use crate::console::say;
 use crate::init::{self, Signal, Signals};
 use crate::kmsg;
+use crate::last_words;
 use crate::mailbox::GuestMailbox;
 use crate::sysfs::Sysfs;
 use crate::topology::{GuestPlacement, SysfsTopology};
@@ -119,7 +120,9 @@ fn flush(channel: &mut Option<Channel>) {
         if let Err(e) = ch.flush() {
             say(&format!("GUEST-ERROR channel write: {e}"));
             *channel = None;
+            return;
         }
+        last_words::set_partial(ch.queued() > 0);
     }
 }
 
@@ -168,10 +171,12 @@ fn open_channel(path: Option<&Path>) -> (Option<Channel>, Option<String>) {
 /// the options (`cmdline` overrides `/proc/cmdline`; not as PID 1,
 /// `agent.autoonline=0 agent.readonly=1` come first), listen for uevents,
 /// open the channel (`channel_path`, else ttyS1 for PID 1), start, then
-/// loop until a stop is requested.
+/// loop until a stop is requested. A panic in any thread, and an error
+/// once the channel is open (see `main`), is sent to the VMM as `fatal`
+/// ([`last_words`]).
 pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, AgentError> {
+    init::install_panic_hook();
     if init::is_pid1() {
-        init::install_panic_hook();
         init::mount_filesystems()?;
     }
     // Before any thread exists, so every later thread inherits the mask.
@@ -192,7 +197,13 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
         Box::new(socket),
         opts.readonly,
     )?);
-    let (mut channel, channel_error) = open_channel(channel_path);
+    let (mut channel, mut channel_error) = open_channel(channel_path);
+    if let Some(ch) = &channel {
+        // So that a failure anywhere still reaches the VMM as `fatal`.
+        if let Err(e) = last_words::arm(ch.as_fd()) {
+            channel_error = Some(format!("no last words: {e}"));
+        }
+    }
     let mut preface: Vec<String> = kmsg::smpboot_line().into_iter().collect();
     // The mailbox only beside the VMM's own UART (not a test's socket).
     let mailbox_error = match channel.as_mut() {

@@ -14,6 +14,7 @@ use std::path::Path;
 use thiserror::Error;
 
 use crate::console;
+use crate::last_words;
 
 /// Why the file systems could not be mounted.
 #[derive(Debug, Error)]
@@ -114,16 +115,28 @@ pub fn power_off(reason: &str, ok: bool) -> ! {
     std::process::exit(1)
 }
 
-/// In PID 1, turns a Rust panic into a console line and a power-off
-/// instead of a kernel panic ("Attempted to kill init").
+/// Turns a Rust panic in any thread into the agent's last message to the
+/// VMM (`fatal`, see [`last_words`]) and, in PID 1, a power-off instead
+/// of a kernel panic ("Attempted to kill init"), after the usual console
+/// report.
 pub fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default(info);
+        last_words::send(&panic_text(info));
         if is_pid1() {
             power_off("reason=panic", false);
         }
     }));
+}
+
+/// `panic: <message> at <file>:<line>:<column>`.
+fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let msg = info.payload_as_str().unwrap_or("(no message)");
+    match info.location() {
+        Some(l) => format!("panic: {msg} at {}:{}:{}", l.file(), l.line(), l.column()),
+        None => format!("panic: {msg}"),
+    }
 }
 
 /// Reaps every exited child without blocking; returns how many.

@@ -4,8 +4,12 @@
 //! [`smpboot`] registry, brings hot-added CPUs online and walks their
 //! workers through prepare, online, offline and forced offline, takes part
 //! in the VMM's graceful CPU removal, and reports all of it over the
-//! second UART (`/dev/ttyS1`) in the `api::agent` protocol. The console
-//! gets only a few `GUEST-*` lines.
+//! second UART (`/dev/ttyS1`) in the `agent_proto::agent` protocol. The
+//! console gets only a few `GUEST-*` lines.
+//!
+//! The VMM names CPUs by vCPU id, Linux by logical number (`cpuN`, in the
+//! order it met them); the agent translates at its edge ([`ids`]): every
+//! message carries vCPU ids, every sysfs write logical numbers.
 //!
 //! Threading: the agent's own thread runs [`event_loop::run`], polling the
 //! kernel's uevent netlink socket, a signalfd (SIGCHLD to reap orphans,
@@ -13,13 +17,15 @@
 //! handles each event to completion. Besides it: one thread per (worker
 //! kind, CPU) owned by the registry, and the load generator.
 //!
-//! Modules: [`init`] (PID 1 duties), [`sysfs`] (CPU lists and switches),
+//! Modules: [`init`] (PID 1 duties), [`sysfs`] (CPU lists, switches and
+//! vCPU ids), [`ids`] (vCPU id <-> logical number),
 //! [`uevent`] (socket and parser), [`topology`] (the registry's
 //! `Topology`: sysfs + uevents), [`workers`] (the three worker kinds and
 //! the load), [`channel`] (ttyS1), [`agent`] (the state machine: CPU
 //! transitions, removal protocol, faults, reports), [`event_loop`] (I/O),
 //! [`kmsg`] (kernel log lines), [`cmdline`] (`agent.*` options),
-//! [`console`] (output).
+//! [`console`] (output), [`last_words`] (`fatal` to the VMM on a panic or
+//! a fatal error).
 //!
 //! The binary is built static for the guest image (see the `resources`
 //! crate) and also runs on a host as a plain process, where it mounts
@@ -30,8 +36,10 @@ pub mod channel;
 pub mod cmdline;
 pub mod console;
 pub mod event_loop;
+pub mod ids;
 pub mod init;
 pub mod kmsg;
+pub mod last_words;
 pub mod mailbox;
 pub mod sysfs;
 pub mod topology;

@@ -1,4 +1,4 @@
-//! The guest's side of the agent mailbox (`api::mailbox`): the VMM's
+//! The guest's side of the agent mailbox (`agent_proto::mailbox`): the VMM's
 //! shared-memory rings, mapped through `/dev/mem`.
 //!
 //! The mailbox is not RAM to the kernel (absent from e820 and ACPI), so
@@ -9,7 +9,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use api::mailbox::{Ring, MAILBOX_GPA, MAILBOX_SIZE, TO_GUEST, TO_HOST};
+use agent_proto::mailbox::{Ring, MAILBOX_GPA, MAILBOX_SIZE, TO_GUEST, TO_HOST};
 
 /// Where the mailbox is mapped from.
 pub const DEV_MEM: &str = "/dev/mem";

@@ -4,14 +4,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use api::agent::encode;
+use agent_proto::agent::encode;
 use guest::agent::{Agent, AgentConfig, Exit};
 use guest::cmdline::Options;
 use guest::console::say;
 use guest::sysfs::Sysfs;
 use guest::topology::{GuestPlacement, SysfsTopology};
 use guest::uevent::UeventSocket;
-use guest::{error_chain, event_loop, init, kmsg};
+use guest::{error_chain, event_loop, init, kmsg, last_words};
 
 const USAGE: &str = "usage: guest-agent [--selftest] [--cmdline 'agent.OPTION ...'] [--channel TTY]
 
@@ -105,7 +105,9 @@ fn main() {
     match event_loop::run(cmdline.as_deref(), channel.as_deref()) {
         Ok(Exit::PowerOff(reason)) => init::power_off(&reason, true),
         Err(e) => {
-            say(&format!("GUEST-FATAL {}", error_chain(&e)));
+            let reason = error_chain(&e);
+            say(&format!("GUEST-FATAL {reason}"));
+            last_words::send(&reason);
             init::power_off("reason=fatal", false)
         }
     }

@@ -1,5 +1,12 @@
-//! CPU state in sysfs: the `possible`, `present` and `online` CPU lists
-//! and the per-CPU `online` switch under `/sys/devices/system/cpu`.
+//! CPU state in sysfs: the `possible`, `present` and `online` CPU lists,
+//! the per-CPU `online` switch under `/sys/devices/system/cpu`, and each
+//! CPU's vCPU id ([`Sysfs::vcpu_id`]).
+//!
+//! Linux numbers CPUs in the order it meets them (`cpuN`, the *logical*
+//! number); the VMM names them by vCPU id (= APIC ID = the `_UID` of the
+//! ACPI processor device). The id is read from `cpuN/firmware_node/uid`
+//! (the ACPI device, there even while the CPU is offline), else from the
+//! `apicid` of `/proc/cpuinfo` (online CPUs only).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -11,6 +18,8 @@ use thiserror::Error;
 
 /// Where the kernel describes CPUs.
 pub const CPU_ROOT: &str = "/sys/devices/system/cpu";
+/// Where the kernel lists each online CPU's APIC ID.
+pub const CPUINFO: &str = "/proc/cpuinfo";
 /// CPU numbers above this are refused when parsing, so that a hostile or
 /// corrupt list (`0-4294967295`) cannot make the agent allocate gigabytes.
 /// The Debian kernel has `NR_CPUS=8192`.
@@ -167,6 +176,14 @@ pub enum SysfsError {
         #[source]
         source: ParseCpuListError,
     },
+    /// Neither the firmware node nor `/proc/cpuinfo` gave the CPU's vCPU id.
+    #[error("no vCPU id for cpu{cpu}: {why}")]
+    NoVcpuId {
+        /// The logical CPU.
+        cpu: u32,
+        /// What each source said (file contents escaped).
+        why: String,
+    },
     /// Writing a CPU's `online` file failed; the kernel's errno says why
     /// (EBUSY, EINVAL, EPERM, EIO...).
     #[error("cannot set cpu{cpu} {} (errno {errno})", if *.online { "online" } else { "offline" })]
@@ -183,13 +200,67 @@ pub enum SysfsError {
     },
 }
 
+/// Where a CPU's vCPU id was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSource {
+    /// `cpuN/firmware_node/uid`: the ACPI processor device's `_UID`.
+    FirmwareUid,
+    /// The `apicid` of `/proc/cpuinfo` (the CPU has no firmware node).
+    ApicId,
+}
+
+impl fmt::Display for IdSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IdSource::FirmwareUid => "firmware_node/uid",
+            IdSource::ApicId => "apicid in /proc/cpuinfo",
+        })
+    }
+}
+
+/// A CPU's vCPU id and where it was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuId {
+    /// The vCPU id (= APIC ID = `_UID`).
+    pub id: u32,
+    /// Where it came from.
+    pub source: IdSource,
+}
+
+/// Parses a decimal id as sysfs and `/proc/cpuinfo` write it.
+fn parse_id(text: &str) -> Option<u32> {
+    let t = text.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    t.parse().ok()
+}
+
+/// The `apicid` of logical CPU `cpu` in `/proc/cpuinfo` text (blocks of
+/// `key : value` lines, one block per online CPU, `processor` first).
+pub fn cpuinfo_apicid(text: &str, cpu: u32) -> Option<u32> {
+    let mut current = None;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            current = None;
+            continue;
+        };
+        match key.trim() {
+            "processor" => current = parse_id(value),
+            "apicid" if current == Some(cpu) => return parse_id(value),
+            _ => {}
+        }
+    }
+    None
+}
+
 impl SysfsError {
     /// The errno of the failed operation, if the kernel gave one.
     pub fn errno(&self) -> Option<i32> {
         match self {
             SysfsError::Read { source, .. } => source.raw_os_error(),
             SysfsError::SetOnline { errno, .. } => Some(*errno),
-            SysfsError::Parse { .. } => None,
+            SysfsError::Parse { .. } | SysfsError::NoVcpuId { .. } => None,
         }
     }
 }
@@ -199,6 +270,7 @@ impl SysfsError {
 #[derive(Debug, Clone)]
 pub struct Sysfs {
     root: PathBuf,
+    cpuinfo: PathBuf,
 }
 
 impl Default for Sysfs {
@@ -213,9 +285,19 @@ impl Sysfs {
         Self::with_root(CPU_ROOT)
     }
 
-    /// A tree laid out like `/sys/devices/system/cpu` at `root`.
+    /// A tree laid out like `/sys/devices/system/cpu` at `root` (APIC IDs
+    /// still from [`CPUINFO`]).
     pub fn with_root(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            cpuinfo: PathBuf::from(CPUINFO),
+        }
+    }
+
+    /// The same tree, with APIC IDs read from `cpuinfo` instead.
+    pub fn with_cpuinfo(mut self, cpuinfo: impl Into<PathBuf>) -> Self {
+        self.cpuinfo = cpuinfo.into();
+        self
     }
 
     /// The root directory.
@@ -274,6 +356,53 @@ impl Sysfs {
         }
     }
 
+    /// Whether `cpuN` exists (present, or not yet gone).
+    pub fn exists(&self, cpu: u32) -> bool {
+        self.root.join(format!("cpu{cpu}")).is_dir()
+    }
+
+    /// The vCPU id of logical CPU `cpu`: its firmware node's `uid`, else
+    /// (no firmware node) the APIC ID `/proc/cpuinfo` lists for it, which
+    /// it does only while the CPU is online.
+    pub fn vcpu_id(&self, cpu: u32) -> Result<VcpuId, SysfsError> {
+        let uid = self
+            .root
+            .join(format!("cpu{cpu}"))
+            .join("firmware_node")
+            .join("uid");
+        let uid_why = match std::fs::read_to_string(&uid) {
+            Ok(text) => match parse_id(&text) {
+                Some(id) => {
+                    return Ok(VcpuId {
+                        id,
+                        source: IdSource::FirmwareUid,
+                    })
+                }
+                None => format!("firmware_node/uid holds {:?}", text.trim()),
+            },
+            Err(e) => format!("firmware_node/uid: {e}"),
+        };
+        let apic_why = match std::fs::read_to_string(&self.cpuinfo) {
+            Ok(text) => match cpuinfo_apicid(&text, cpu) {
+                Some(id) => {
+                    return Ok(VcpuId {
+                        id,
+                        source: IdSource::ApicId,
+                    })
+                }
+                None => format!(
+                    "no apicid for processor {cpu} in {}",
+                    self.cpuinfo.display()
+                ),
+            },
+            Err(e) => format!("{}: {e}", self.cpuinfo.display()),
+        };
+        Err(SysfsError::NoVcpuId {
+            cpu,
+            why: format!("{uid_why}; {apic_why}"),
+        })
+    }
+
     /// Writes `1` or `0` to `cpuN/online`. The write blocks while the
     /// kernel brings the CPU up or down.
     pub fn set_online(&self, cpu: u32, online: bool) -> Result<(), SysfsError> {
@@ -312,13 +441,21 @@ pub(crate) mod tests {
             fake.set("online", online);
             let online: CpuList = online.parse().unwrap();
             for cpu in present.parse::<CpuList>().unwrap().iter() {
-                std::fs::create_dir_all(fake.0.join(format!("cpu{cpu}"))).unwrap();
+                // Numbered as booted: cpuN is vCPU N.
+                fake.add_cpu(cpu, cpu);
                 if cpu != 0 {
                     let v = if online.contains(cpu) { "1\n" } else { "0\n" };
                     fake.set(&format!("cpu{cpu}/online"), v);
                 }
             }
             fake
+        }
+
+        /// Creates `cpu{logical}` with the firmware node of vCPU `id`.
+        pub(crate) fn add_cpu(&self, logical: u32, id: u32) {
+            let node = self.0.join(format!("cpu{logical}/firmware_node"));
+            std::fs::create_dir_all(&node).unwrap();
+            std::fs::write(node.join("uid"), format!("{id}\n")).unwrap();
         }
 
         pub(crate) fn set(&self, file: &str, contents: &str) {
@@ -332,8 +469,9 @@ pub(crate) mod tests {
                 .to_owned()
         }
 
+        /// The tree, with its fake `/proc/cpuinfo` (`cpuinfo` in the root).
         pub(crate) fn sysfs(&self) -> Sysfs {
-            Sysfs::with_root(&self.0)
+            Sysfs::with_root(&self.0).with_cpuinfo(self.0.join("cpuinfo"))
         }
     }
 
@@ -413,6 +551,50 @@ pub(crate) mod tests {
             err.to_string(),
             format!("cannot set cpu3 online (errno {})", libc::ENOENT)
         );
+    }
+
+    #[test]
+    fn reads_vcpu_ids_from_the_firmware_node_else_the_apic_id() {
+        let fake = FakeCpus::new("ids", "0-7", "0-1", "0-1");
+        let sys = fake.sysfs();
+        let uid = |id| VcpuId {
+            id,
+            source: IdSource::FirmwareUid,
+        };
+        assert_eq!(sys.vcpu_id(0).unwrap(), uid(0));
+        fake.add_cpu(2, 6);
+        assert_eq!(sys.vcpu_id(2).unwrap(), uid(6));
+        assert!(sys.exists(2) && !sys.exists(3));
+        // No firmware node: the APIC ID of an online CPU.
+        std::fs::remove_dir_all(fake.0.join("cpu1/firmware_node")).unwrap();
+        let err = sys.vcpu_id(1).unwrap_err();
+        assert!(matches!(err, SysfsError::NoVcpuId { cpu: 1, .. }), "{err}");
+        fake.set(
+            "cpuinfo",
+            "processor\t: 0\napicid\t\t: 0\ninitial apicid\t: 0\n\n\
+             processor\t: 1\ninitial apicid\t: 9\napicid\t\t: 5\n\n",
+        );
+        assert_eq!(
+            sys.vcpu_id(1).unwrap(),
+            VcpuId {
+                id: 5,
+                source: IdSource::ApicId
+            }
+        );
+        // Garbage in the uid is not a number, and is quoted in the error.
+        fake.set("cpu2/firmware_node/uid", "6\u{1b}[2J");
+        let err = sys.vcpu_id(2).unwrap_err().to_string();
+        assert!(err.contains(r#"holds "6\u{1b}[2J""#), "{err}");
+    }
+
+    #[test]
+    fn cpuinfo_apic_ids() {
+        let text = "processor : 0\napicid : 0\n\nprocessor : 1\napicid : 6\n";
+        assert_eq!(cpuinfo_apicid(text, 1), Some(6));
+        assert_eq!(cpuinfo_apicid(text, 0), Some(0));
+        assert_eq!(cpuinfo_apicid(text, 2), None);
+        assert_eq!(cpuinfo_apicid("apicid : 3\n", 0), None, "no processor line");
+        assert_eq!(cpuinfo_apicid("processor : 0\napicid : -1\n", 0), None);
     }
 
     #[test]

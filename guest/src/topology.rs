@@ -122,6 +122,10 @@ fn io_error(e: SysfsError) -> TopologyError {
             path: format!("cpu{cpu}/online"),
             source,
         },
+        SysfsError::NoVcpuId { cpu, why } => TopologyError::Io {
+            path: format!("cpu{cpu}/firmware_node/uid"),
+            source: io::Error::new(io::ErrorKind::NotFound, why),
+        },
     }
 }
 

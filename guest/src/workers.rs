@@ -33,7 +33,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use api::agent::{GuestMessage, WorkerInfo};
+use agent_proto::agent::{GuestMessage, WorkerInfo};
 use smpboot::{
     Placement, Registry, RegistryError, Snapshot, ThreadContext, ThreadDescriptor, ThreadSnapshot,
     ThreadStatus, WakeHandle,

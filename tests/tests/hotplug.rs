@@ -3,9 +3,11 @@
 //! emulated KVM host where there is one). One guest boot for the lot.
 //!
 //! The guest's view is read from its console: the agent prints
-//! `GUEST-CPU online=<list>` whenever the online set changes.
+//! `GUEST-CPU online=<list> vcpus=<list>` whenever the online set changes
+//! (`online`: Linux's logical numbers, `vcpus`: their vCPU ids), and the
+//! API's `guest_online` / `guest_cpu` must agree with it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use api::client::{BlockingClient, ClientError, MutationOutcome};
@@ -42,49 +44,71 @@ fn cpu_list(s: &str) -> BTreeSet<u32> {
     set
 }
 
-/// The guest's online CPUs as last reported on the console.
-fn guest_online(vm: &RunningVm) -> Option<BTreeSet<u32>> {
-    vm.console()
-        .lines()
-        .iter()
-        .rev()
-        .find_map(|l| {
-            let rest = l.text.split_once("GUEST-CPU online=")?.1;
-            Some(cpu_list(rest.split_whitespace().next().unwrap_or("")))
-        })
-        .or_else(|| {
-            vm.console().lines().iter().rev().find_map(|l| {
-                let rest = l.text.split_once("GUEST-READY")?.1;
-                e2e::job::field(rest, "online").map(cpu_list)
-            })
-        })
+/// The guest's online CPUs as last printed on its console: Linux's
+/// numbers (`online=`) and their vCPU ids (`vcpus=`, `None` if the line
+/// was cut).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GuestView {
+    online: BTreeSet<u32>,
+    vcpus: Option<BTreeSet<u32>>,
 }
 
-/// The CPUs the guest agent reported online, through the API.
-fn api_guest_online(client: &BlockingClient) -> TestResult<BTreeSet<u32>> {
+/// The view of one `GUEST-CPU` or `GUEST-READY` console line.
+fn parse_view(line: &str) -> Option<GuestView> {
+    let rest = match line.split_once("GUEST-CPU ") {
+        Some((_, rest)) => rest,
+        None => line.split_once("GUEST-READY ")?.1,
+    };
+    Some(GuestView {
+        online: cpu_list(e2e::job::field(rest, "online")?),
+        vcpus: e2e::job::field(rest, "vcpus").map(cpu_list),
+    })
+}
+
+/// The guest's view as last printed on its console.
+fn guest_view(vm: &RunningVm) -> Option<GuestView> {
+    let lines = vm.console().lines();
+    lines.iter().rev().find_map(|l| parse_view(&l.text))
+}
+
+/// The vCPUs the guest agent reported online, through the API, with
+/// Linux's number for each (`guest_cpu`).
+fn api_guest_online(client: &BlockingClient) -> TestResult<BTreeMap<u32, Option<u32>>> {
     Ok(client
         .vcpus()?
         .vcpus
         .iter()
         .filter(|v| v.guest_online == Some(true))
-        .map(|v| v.id)
+        .map(|v| (v.id, v.guest_cpu))
         .collect())
 }
 
-/// Waits until the guest reports exactly `want` online, both on its
-/// console and through the agent's reports in the API.
-fn wait_guest_online(vm: &RunningVm, want: &BTreeSet<u32>) -> TestResult {
+/// Waits until the guest reports exactly the vCPUs `want` online, both on
+/// its console and through the agent's reports in the API, and the two
+/// agree on Linux's numbers: the API's `guest_cpu`s of those vCPUs are the
+/// console's `online=`. Returns the API's vCPU id -> Linux number.
+fn wait_guest_online(vm: &RunningVm, want: &BTreeSet<u32>) -> TestResult<BTreeMap<u32, u32>> {
     let client = BlockingClient::new(vm.api_socket())?;
     let deadline = Instant::now() + WAIT;
     loop {
-        let console = guest_online(vm);
+        let view = guest_view(vm);
         let api = api_guest_online(&client)?;
-        if console.as_ref() == Some(want) && &api == want {
-            return Ok(());
+        let numbers: Option<BTreeMap<u32, u32>> =
+            api.iter().map(|(&id, cpu)| Some((id, (*cpu)?))).collect();
+        let agree = |view: &GuestView, numbers: &BTreeMap<u32, u32>| {
+            view.vcpus.as_ref().is_none_or(|v| v == want)
+                && numbers.keys().eq(want.iter())
+                && numbers.values().copied().collect::<BTreeSet<_>>() == view.online
+        };
+        if let (Some(view), Some(numbers)) = (&view, &numbers) {
+            if agree(view, numbers) {
+                return Ok(numbers.clone());
+            }
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "guest online: console {console:?}, agent via API {api:?}; expected {want:?}"
+                "guest online: console {view:?}, agent via API (id: guest_cpu) {api:?}; \
+                 expected vCPUs {want:?}"
             )
             .into());
         }
@@ -393,6 +417,145 @@ fn churn(vm: &mut RunningVm) -> TestResult {
 fn vcpu_resize_churn() {
     let spec = e2e::VmSpec::new(1, 8).timeout(Duration::from_secs(900));
     e2e::run_test("vcpu_resize_churn", &spec, churn);
+}
+
+/// vCPUs added in an order Linux does not number them by. Linux gives a
+/// hot-added CPU the next free logical number, so with vCPU 0 booted, vCPU
+/// 6 becomes cpu1: the agent must report it as vCPU 6 (it once said "cpu 1
+/// online", the add of vCPU 6 timed out and the guest wedged). After every
+/// step the API and the guest agree on which vCPUs are online and on
+/// Linux's number for each (see [`Numbering::check`]).
+fn ids_out_of_order(vm: &mut RunningVm) -> TestResult {
+    vm.wait_for_console("GUEST-READY", Duration::from_secs(180))?;
+    let client = BlockingClient::new(vm.api_socket())?;
+    let mut numbering = Numbering(wait_guest_online(vm, &set([0]))?);
+    if numbering.0.get(&0) != Some(&0) {
+        return Err(format!("vCPU 0 is not cpu0: {:?}", numbering.0).into());
+    }
+    for (id, want) in [
+        (6, set([0, 6])),
+        (3, set([0, 3, 6])),
+        (1, set([0, 1, 3, 6])),
+    ] {
+        step(&format!("add {id}"), || client.add_vcpu(id, Some(WAIT)))?;
+        numbering.check(vm, &client, &want, Some(id))?;
+    }
+    let before = numbering.0.clone();
+    step("remove 3", || client.remove_vcpu(3, Some(WAIT)))?;
+    numbering.check(vm, &client, &set([0, 1, 6]), None)?;
+    step("add 3 again", || client.add_vcpu(3, Some(WAIT)))?;
+    numbering.check(vm, &client, &set([0, 1, 3, 6]), Some(3))?;
+    if numbering.0.get(&3) != before.get(&3) {
+        println!(
+            "E2E-NOTE vCPU 3 came back as cpu{:?}, was cpu{:?}",
+            numbering.0.get(&3),
+            before.get(&3)
+        );
+    }
+    step("remove 6", || client.remove_vcpu(6, Some(WAIT)))?;
+    numbering.check(vm, &client, &set([0, 1, 3]), None)?;
+    // The lowest absent id: vCPU 2.
+    step("resize 3->4", || client.resize(4, Some(WAIT)))?;
+    numbering.check(vm, &client, &set(0..4), Some(2))?;
+    step("resize 4->1", || client.resize(1, Some(WAIT)))?;
+    numbering.check(vm, &client, &set([0]), None)?;
+    Ok(())
+}
+
+/// vCPU id -> Linux's logical number, as last checked.
+struct Numbering(BTreeMap<u32, u32>);
+
+impl Numbering {
+    /// After a step: the vCPUs `want` are present, the guest and the API
+    /// agree on them and their Linux numbers ([`wait_guest_online`]),
+    /// every present vCPU has its `guest_cpu` (absent ones none), the
+    /// numbers of vCPUs that stayed did not change, and the one vCPU just
+    /// `added` has the number that newly appeared on the guest's console
+    /// (so it differs from the id wherever Linux renumbered).
+    fn check(
+        &mut self,
+        vm: &RunningVm,
+        client: &BlockingClient,
+        want: &BTreeSet<u32>,
+        added: Option<u32>,
+    ) -> TestResult {
+        assert_eq!(&present(client)?, want);
+        let now = wait_guest_online(vm, want)?;
+        for v in client.vcpus()?.vcpus {
+            let known = v.guest_cpu.is_some();
+            if known != (v.state == VcpuState::Present) {
+                return Err(
+                    format!("vCPU {} {} with guest_cpu {:?}", v.id, v.state, v.guest_cpu).into(),
+                );
+            }
+        }
+        for (id, cpu) in &now {
+            if let Some(old) = self.0.get(id).filter(|old| *old != cpu) {
+                return Err(
+                    format!("vCPU {id} moved from cpu{old} to cpu{cpu} while present").into(),
+                );
+            }
+        }
+        if let Some(id) = added {
+            let stayed: BTreeSet<u32> = self
+                .0
+                .iter()
+                .filter(|(i, _)| now.contains_key(i))
+                .map(|(_, c)| *c)
+                .collect();
+            let fresh: Vec<u32> = now
+                .values()
+                .copied()
+                .filter(|c| !stayed.contains(c))
+                .collect();
+            if fresh != [now[&id]] {
+                return Err(format!(
+                    "vCPU {id} added: the API says cpu{}, the guest's new CPUs are {fresh:?}",
+                    now[&id]
+                )
+                .into());
+            }
+        }
+        let renumbered: Vec<String> = now
+            .iter()
+            .filter(|(id, cpu)| id != cpu)
+            .map(|(id, cpu)| format!("{id}->cpu{cpu}"))
+            .collect();
+        println!("E2E-NOTE vCPUs {want:?}; renumbered by Linux: {renumbered:?}");
+        self.0 = now;
+        Ok(())
+    }
+}
+
+#[test]
+fn vcpu_ids_out_of_order() {
+    let spec = e2e::VmSpec::new(1, 8).timeout(Duration::from_secs(600));
+    e2e::run_test("vcpu_ids_out_of_order", &spec, ids_out_of_order);
+}
+
+#[test]
+fn guest_view_parsing() {
+    let view = |online: &[u32], vcpus: Option<&[u32]>| GuestView {
+        online: set(online.iter().copied()),
+        vcpus: vcpus.map(|v| set(v.iter().copied())),
+    };
+    assert_eq!(
+        parse_view("GUEST-CPU online=0-2 vcpus=0,3,6"),
+        Some(view(&[0, 1, 2], Some(&[0, 3, 6])))
+    );
+    assert_eq!(
+        parse_view("GUEST-CPU online=0-1 vcpus=0,6 forced=2 forced_vcpu=3"),
+        Some(view(&[0, 1], Some(&[0, 6])))
+    );
+    assert_eq!(
+        parse_view("GUEST-READY nproc=1 online=0 present=0 possible=0-7 vcpus=0 up=1.2"),
+        Some(view(&[0], Some(&[0])))
+    );
+    assert_eq!(
+        parse_view("GUEST-CPU online=0-1[vmm 12.7s INFO ] x"),
+        Some(view(&[0, 1], None))
+    );
+    assert_eq!(parse_view("GUEST-ERROR cpu=1"), None);
 }
 
 #[test]

@@ -418,7 +418,7 @@ mod tests {
         let ready = encode(&GuestMessage::Ready {
             version: "1.2.3".into(),
             online: vec![0],
-            cpus: vec![],
+            cpus: vec![(0, 0)],
         });
         assert!(link
             .on_line(Some(ready.trim_end().as_bytes().to_vec()))

@@ -44,34 +44,67 @@ fn worker_summary(workers: &[GuestWorker]) -> String {
     parts.join(", ")
 }
 
-/// `vcpus`: one line per vCPU (with a WORKERS column once the guest agent
-/// has reported its workers).
+/// One table line: every cell but the last padded to its width.
+fn table_line(text: &mut String, cells: &[(&str, usize)]) {
+    let mut line = String::new();
+    for (i, (cell, width)) in cells.iter().enumerate() {
+        if i + 1 == cells.len() {
+            line.push_str(cell);
+        } else {
+            let _ = write!(line, "{cell:<width$} ");
+        }
+    }
+    text.push_str(&line);
+    text.push('\n');
+}
+
+/// `vcpus`: one line per vCPU, with a CPU column (Linux's `cpuN` for the
+/// vCPU, which differs from the id when vCPUs were added out of order)
+/// once the guest agent has told, and a WORKERS column once it has
+/// reported its workers.
 pub(super) fn vcpus(list: &VcpuList) -> String {
+    let with_cpu = list.vcpus.iter().any(|v| v.guest_cpu.is_some());
     let with_workers = list.vcpus.iter().any(|v| v.workers.is_some());
-    let mut text = String::from(if with_workers {
-        "ID    STATE     GUEST    WORKERS\n"
-    } else {
-        "ID    STATE     GUEST\n"
-    });
+    let columns = |id: &str, state: &str, guest: &str, cpu: &str, workers: &str| {
+        let mut cells = vec![
+            (id.to_owned(), 5),
+            (state.to_owned(), 9),
+            (guest.to_owned(), 8),
+        ];
+        if with_cpu {
+            cells.push((cpu.to_owned(), 8));
+        }
+        if with_workers {
+            cells.push((workers.to_owned(), 0));
+        }
+        cells
+    };
+    let mut text = String::new();
+    let mut emit = |cells: Vec<(String, usize)>| {
+        let cells: Vec<(&str, usize)> = cells.iter().map(|(c, w)| (c.as_str(), *w)).collect();
+        table_line(&mut text, &cells);
+    };
+    emit(columns("ID", "STATE", "GUEST", "CPU", "WORKERS"));
     for v in &list.vcpus {
         let guest = match v.guest_online {
             Some(true) => "online",
             Some(false) => "offline",
             None => "-",
         };
-        let state = v.state.to_string();
-        match (&v.workers, with_workers) {
-            (Some(workers), _) => {
-                let summary = worker_summary(workers);
-                let _ = writeln!(text, "{:<5} {state:<9} {guest:<8} {summary}", v.id);
-            }
-            (None, true) => {
-                let _ = writeln!(text, "{:<5} {state:<9} {guest:<8} -", v.id);
-            }
-            (None, false) => {
-                let _ = writeln!(text, "{:<5} {state:<9} {guest}", v.id);
-            }
-        }
+        let cpu = v
+            .guest_cpu
+            .map_or_else(|| "-".to_owned(), |c| format!("cpu{c}"));
+        let workers = v
+            .workers
+            .as_deref()
+            .map_or_else(|| "-".to_owned(), worker_summary);
+        emit(columns(
+            &v.id.to_string(),
+            &v.state.to_string(),
+            guest,
+            &cpu,
+            &workers,
+        ));
     }
     let present = list.count(crate::VcpuState::Present);
     let _ = writeln!(text, "{present} of {} present", list.max_vcpus);
@@ -270,6 +303,33 @@ mod tests {
         assert_eq!(
             vcpus(&list),
             "ID    STATE     GUEST\n0     present   online\n1     adding    -\n1 of 2 present\n"
+        );
+    }
+
+    #[test]
+    fn vcpu_table_with_linux_numbers() {
+        let vcpu = |id, state, guest_cpu: Option<u32>| VcpuInfo {
+            id,
+            state,
+            guest_online: guest_cpu.map(|_| true),
+            guest_cpu,
+            workers: None,
+        };
+        let list = VcpuList {
+            max_vcpus: 8,
+            vcpus: vec![
+                vcpu(0, VcpuState::Present, Some(0)),
+                vcpu(1, VcpuState::Absent, None),
+                vcpu(6, VcpuState::Present, Some(1)),
+            ],
+        };
+        assert_eq!(
+            vcpus(&list),
+            "ID    STATE     GUEST    CPU\n\
+             0     present   online   cpu0\n\
+             1     absent    -        -\n\
+             6     present   online   cpu1\n\
+             2 of 8 present\n"
         );
     }
 

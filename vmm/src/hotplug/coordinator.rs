@@ -60,6 +60,8 @@ pub struct Coordinator<M: Machine> {
     pub(super) test_hooks: bool,
     /// vCPUs whose next removal the `ignore_removal` hook withholds.
     pub(super) withhold: BTreeSet<VcpuId>,
+    /// vCPUs whose next eject request the `ignore_eject` hook withholds.
+    pub(super) withhold_eject: BTreeSet<VcpuId>,
     /// vCPUs whose eject request was withdrawn after the guest had seen
     /// it: a late eject of one means the guest removed it after all.
     pub(super) late_eject_ok: BTreeSet<VcpuId>,
@@ -90,6 +92,7 @@ impl<M: Machine> Coordinator<M> {
             counters: Counters::default(),
             test_hooks: false,
             withhold: BTreeSet::new(),
+            withhold_eject: BTreeSet::new(),
             late_eject_ok: BTreeSet::new(),
             agent_failure: None,
             events_dropped: 0,
@@ -351,6 +354,14 @@ impl<M: Machine> Coordinator<M> {
 
     /// The guest reported `id` online or offline.
     fn on_guest_cpu(&mut self, id: VcpuId, logical: Option<u32>, online: bool, _now: Instant) {
+        if let Some(l) = logical {
+            // Linux gives a number to one CPU at a time: whoever had it is gone.
+            if let Some(other) = self.records.by_guest_cpu(l).filter(|&o| o != id) {
+                if let Some(r) = self.records.get_mut(other) {
+                    r.guest_cpu = None;
+                }
+            }
+        }
         let Some(r) = self.records.get_mut(id) else {
             log::warn!("guest: report for vCPU {id}, which does not exist");
             return;
@@ -387,9 +398,14 @@ impl<M: Machine> Coordinator<M> {
         }
         let max = self.records.max() as usize;
         let connected = self.session.connected(now);
-        let target = match decide::fault_step(fault, cpu, max, connected)? {
+        let add_timeout = self.timeouts.add;
+        let target = match decide::fault_step(fault, cpu, max, connected, add_timeout)? {
             FaultStep::WithholdRemoval(id) => {
                 self.withhold.insert(VcpuId::new(id));
+                FaultTarget::Vmm
+            }
+            FaultStep::WithholdEject(id) => {
+                self.withhold_eject.insert(VcpuId::new(id));
                 FaultTarget::Vmm
             }
             FaultStep::Agent(msg) => {

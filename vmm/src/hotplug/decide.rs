@@ -14,15 +14,19 @@ pub(super) enum FaultStep {
     Agent(HostMessage),
     /// Arm the one-shot `ignore_removal` hook for this vCPU.
     WithholdRemoval(u32),
+    /// Arm the one-shot `ignore_eject` hook for this vCPU.
+    WithholdEject(u32),
 }
 
 /// Checks a test fault against the VM (`max_vcpus` possible vCPUs) and the
-/// agent, and says what to do.
+/// agent, and says what to do; `add_timeout` sizes `agent_delay_report`'s
+/// delay (past it).
 pub(super) fn fault_step(
     fault: FaultKind,
     cpu: Option<u32>,
     max_vcpus: usize,
     agent_connected: bool,
+    add_timeout: Duration,
 ) -> Result<FaultStep, ApiError> {
     if let Some(id) = cpu.filter(|&id| id as usize >= max_vcpus) {
         return Err(ApiError::new(
@@ -43,6 +47,7 @@ pub(super) fn fault_step(
                 ErrorCode::Vcpu0NotRemovable,
                 "vCPU 0 cannot be removed, so there is no removal to ignore",
             )),
+            Some(id) if fault == FaultKind::IgnoreEject => Ok(FaultStep::WithholdEject(id)),
             Some(id) => Ok(FaultStep::WithholdRemoval(id)),
         };
     };
@@ -58,9 +63,14 @@ pub(super) fn fault_step(
             format!("{fault} is carried out by the guest agent, and none is connected"),
         ));
     }
+    let ms = (fault == FaultKind::AgentDelayReport).then(|| {
+        let past = add_timeout + Duration::from_secs(3);
+        u64::try_from(past.as_millis()).unwrap_or(u64::MAX)
+    });
     Ok(FaultStep::Agent(HostMessage::Fault {
         fault: agent_fault,
         cpu,
+        ms,
     }))
 }
 
@@ -115,49 +125,72 @@ mod tests {
 
     use super::*;
 
+    fn step(
+        fault: FaultKind,
+        cpu: Option<u32>,
+        max: usize,
+        agent: bool,
+    ) -> Result<FaultStep, ApiError> {
+        fault_step(fault, cpu, max, agent, Duration::from_secs(5))
+    }
+
     #[test]
     fn faults_are_checked() {
+        assert_eq!(
+            step(FaultKind::IgnoreEject, Some(2), 4, true),
+            Ok(FaultStep::WithholdEject(2))
+        );
+        assert_eq!(
+            step(FaultKind::AgentDelayReport, None, 4, true),
+            Ok(FaultStep::Agent(HostMessage::Fault {
+                fault: Fault::DelayReport,
+                cpu: None,
+                ms: Some(8000)
+            }))
+        );
         let code = |r: Result<FaultStep, ApiError>| r.unwrap_err().code;
         assert_eq!(
-            fault_step(FaultKind::IgnoreRemoval, Some(3), 4, false),
+            step(FaultKind::IgnoreRemoval, Some(3), 4, false),
             Ok(FaultStep::WithholdRemoval(3))
         );
         assert_eq!(
-            code(fault_step(FaultKind::IgnoreRemoval, Some(4), 4, true)),
+            code(step(FaultKind::IgnoreRemoval, Some(4), 4, true)),
             ErrorCode::VcpuNotFound
         );
         assert_eq!(
-            code(fault_step(FaultKind::IgnoreRemoval, Some(0), 4, true)),
+            code(step(FaultKind::IgnoreRemoval, Some(0), 4, true)),
             ErrorCode::Vcpu0NotRemovable
         );
         assert_eq!(
-            code(fault_step(FaultKind::IgnoreRemoval, None, 4, true)),
+            code(step(FaultKind::IgnoreRemoval, None, 4, true)),
             ErrorCode::MalformedRequest
         );
         assert_eq!(
-            code(fault_step(FaultKind::AgentRefuseOffline, Some(1), 4, false)),
+            code(step(FaultKind::AgentRefuseOffline, Some(1), 4, false)),
             ErrorCode::AgentUnavailable
         );
         assert_eq!(
-            code(fault_step(FaultKind::AgentForceOffline, None, 4, true)),
+            code(step(FaultKind::AgentForceOffline, None, 4, true)),
             ErrorCode::MalformedRequest
         );
         assert_eq!(
-            fault_step(FaultKind::AgentForceOffline, Some(1), 4, true),
+            step(FaultKind::AgentForceOffline, Some(1), 4, true),
             Ok(FaultStep::Agent(HostMessage::Fault {
                 fault: Fault::ForceOffline,
-                cpu: Some(1)
+                cpu: Some(1),
+                ms: None
             }))
         );
         assert_eq!(
-            fault_step(FaultKind::AgentSilence, None, 4, true),
+            step(FaultKind::AgentSilence, None, 4, true),
             Ok(FaultStep::Agent(HostMessage::Fault {
                 fault: Fault::Silence,
-                cpu: None
+                cpu: None,
+                ms: None
             }))
         );
         assert_eq!(
-            code(fault_step(FaultKind::AgentSilence, None, 4, false)),
+            code(step(FaultKind::AgentSilence, None, 4, false)),
             ErrorCode::AgentUnavailable
         );
         assert_eq!(ErrorCode::AgentUnavailable.status(), 409);

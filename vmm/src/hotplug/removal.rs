@@ -68,7 +68,17 @@ impl<M: Machine> Coordinator<M> {
 
     /// Requests the ACPI eject of `id`; a failure gives the removal up.
     pub(super) fn eject(&mut self, id: VcpuId, since: Instant, now: Instant, prepared: bool) {
-        match self.machine.request_eject(id) {
+        let requested = if self.withhold_eject.remove(&id) {
+            log::warn!("vCPU {id}: eject request not raised (test hook ignore_eject)");
+            self.ops.vcpu_note(
+                id.get(),
+                "test hook ignore_eject: the eject request was not raised",
+            );
+            Ok(())
+        } else {
+            self.machine.request_eject(id)
+        };
+        match requested {
             Ok(()) => {
                 log::info!("vCPU {id}: ACPI eject requested");
                 let phase = RemovePhase::Ejecting {
