@@ -207,3 +207,86 @@ fn agent_workers_follow_the_topology() {
         .vmm_arg("--test-hooks");
     e2e::run_test("agent_workers_follow_the_topology", &spec, scenario);
 }
+
+/// Timeouts that leave the VMM and the guest agreeing, end to end (short
+/// hotplug timeouts so the test waits seconds, not half minutes).
+fn timeouts_scenario(vm: &mut RunningVm) -> TestResult {
+    vm.wait_for_console("GUEST-READY", Duration::from_secs(180))?;
+    let client = BlockingClient::new(vm.api_socket())?;
+    eventually(&client, "workers active on CPUs 0 and 1", |w| {
+        all_active_on(w, 0) && all_active_on(w, 1)
+    })?;
+
+    // The agent onlines vCPU 2 at once but reports it only after the add
+    // timeout: the guest started it, so it stays present (the operation
+    // fails, saying so), and the late report agrees.
+    client.inject_fault(FaultKind::AgentDelayReport, None)?;
+    let op = finished("add 2, reported late", client.add_vcpu(2, Some(WAIT)))?;
+    if op.status != OperationStatus::Failed
+        || !op.reason.as_deref().unwrap_or("").contains("stays present")
+    {
+        return Err(format!("late report: {op:?}").into());
+    }
+    let v2 = client.vcpus()?.vcpus[2].clone();
+    if v2.state != VcpuState::Present {
+        return Err(format!("vCPU 2 after the late report's timeout: {v2:?}").into());
+    }
+    let deadline = Instant::now() + WAIT;
+    while client.vcpus()?.vcpus[2].guest_online != Some(true) {
+        if Instant::now() > deadline {
+            return Err("the late online report of vCPU 2 never arrived".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eventually(&client, "workers active on CPU 2 after the late report", |w| {
+        all_active_on(w, 2)
+    })?;
+
+    // The agent prepares vCPU 2's removal (workers parked, CPU offline)
+    // but the eject is never raised: at the eject timeout the VMM asks
+    // the agent to bring it back, and reports it present once it is.
+    client.inject_fault(FaultKind::IgnoreEject, Some(2))?;
+    let op = finished("remove 2, eject withheld", client.remove_vcpu(2, Some(WAIT)))?;
+    if op.status != OperationStatus::Failed
+        || !op.reason.as_deref().unwrap_or("").contains("back online")
+    {
+        return Err(format!("cancelled removal: {op:?}").into());
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v2 = client.vcpus()?.vcpus[2].clone();
+        if v2.state == VcpuState::Present && v2.guest_online == Some(true) {
+            break;
+        }
+        if v2.state == VcpuState::Present && v2.guest_online != Some(true) {
+            return Err(format!("vCPU 2 present but not back online: {v2:?}").into());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("vCPU 2 never came back: {v2:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eventually(&client, "CPU 2 workers unparked after the cancel", |w| {
+        all_active_on(w, 2) && done_on(w, 2) > 0
+    })?;
+
+    // Both ends still agree: a plain removal and re-add succeed.
+    let op = finished("remove 2", client.remove_vcpu(2, Some(WAIT)))?;
+    assert_eq!(op.status, OperationStatus::Succeeded, "{op:?}");
+    let op = finished("re-add 2", client.add_vcpu(2, Some(WAIT)))?;
+    assert_eq!(op.status, OperationStatus::Succeeded, "{op:?}");
+    Ok(())
+}
+
+#[test]
+fn agent_timeouts_leave_vmm_and_guest_agreeing() {
+    let spec = e2e::VmSpec::new(2, 8)
+        .timeout(Duration::from_secs(900))
+        .vmm_arg("--test-hooks")
+        .vmm_arg("--hotplug-timeouts=add=6,eject=6,restore=20");
+    e2e::run_test(
+        "agent_timeouts_leave_vmm_and_guest_agreeing",
+        &spec,
+        timeouts_scenario,
+    );
+}
