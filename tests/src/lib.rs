@@ -16,6 +16,7 @@ pub mod bench;
 pub mod console;
 pub mod emulated;
 pub mod error;
+pub mod guest_view;
 pub mod host;
 pub mod inside;
 pub mod job;

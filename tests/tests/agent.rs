@@ -238,15 +238,20 @@ fn timeouts_scenario(vm: &mut RunningVm) -> TestResult {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    eventually(&client, "workers active on CPU 2 after the late report", |w| {
-        all_active_on(w, 2)
-    })?;
+    eventually(
+        &client,
+        "workers active on CPU 2 after the late report",
+        |w| all_active_on(w, 2),
+    )?;
 
     // The agent prepares vCPU 2's removal (workers parked, CPU offline)
     // but the eject is never raised: at the eject timeout the VMM asks
     // the agent to bring it back, and reports it present once it is.
     client.inject_fault(FaultKind::IgnoreEject, Some(2))?;
-    let op = finished("remove 2, eject withheld", client.remove_vcpu(2, Some(WAIT)))?;
+    let op = finished(
+        "remove 2, eject withheld",
+        client.remove_vcpu(2, Some(WAIT)),
+    )?;
     if op.status != OperationStatus::Failed
         || !op.reason.as_deref().unwrap_or("").contains("back online")
     {

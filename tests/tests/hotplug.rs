@@ -12,109 +12,13 @@ use std::time::{Duration, Instant};
 
 use api::client::{BlockingClient, ClientError, MutationOutcome};
 use api::{OperationStatus, VcpuState};
+use e2e::guest_view::{cpu_list, parse_view, GuestView};
 use e2e::RunningVm;
 use hyper::Method;
 
 type TestResult<T = ()> = Result<T, e2e::BoxError>;
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// Parses a CPU list like "0-3,5" (stops at the first other character:
-/// console lines can be interleaved with other output).
-fn cpu_list(s: &str) -> BTreeSet<u32> {
-    let end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == ',' || c == '-'))
-        .unwrap_or(s.len());
-    let s = &s[..end];
-    let mut set = BTreeSet::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
-                    set.extend(a..=b);
-                }
-            }
-            None => {
-                if let Ok(n) = part.parse() {
-                    set.insert(n);
-                }
-            }
-        }
-    }
-    set
-}
-
-/// The guest's online CPUs as last printed on its console: Linux's
-/// numbers (`online=`) and their vCPU ids (`vcpus=`, `None` if the line
-/// was cut).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct GuestView {
-    online: BTreeSet<u32>,
-    vcpus: Option<BTreeSet<u32>>,
-}
-
-/// The view of one `GUEST-CPU` or `GUEST-READY` console line.
-fn parse_view(line: &str) -> Option<GuestView> {
-    let rest = match line.split_once("GUEST-CPU ") {
-        Some((_, rest)) => rest,
-        None => line.split_once("GUEST-READY ")?.1,
-    };
-    Some(GuestView {
-        online: cpu_list(e2e::job::field(rest, "online")?),
-        vcpus: e2e::job::field(rest, "vcpus").map(cpu_list),
-    })
-}
-
-/// The guest's view as last printed on its console.
-fn guest_view(vm: &RunningVm) -> Option<GuestView> {
-    let lines = vm.console().lines();
-    lines.iter().rev().find_map(|l| parse_view(&l.text))
-}
-
-/// The vCPUs the guest agent reported online, through the API, with
-/// Linux's number for each (`guest_cpu`).
-fn api_guest_online(client: &BlockingClient) -> TestResult<BTreeMap<u32, Option<u32>>> {
-    Ok(client
-        .vcpus()?
-        .vcpus
-        .iter()
-        .filter(|v| v.guest_online == Some(true))
-        .map(|v| (v.id, v.guest_cpu))
-        .collect())
-}
-
-/// Waits until the guest reports exactly the vCPUs `want` online, both on
-/// its console and through the agent's reports in the API, and the two
-/// agree on Linux's numbers: the API's `guest_cpu`s of those vCPUs are the
-/// console's `online=`. Returns the API's vCPU id -> Linux number.
-fn wait_guest_online(vm: &RunningVm, want: &BTreeSet<u32>) -> TestResult<BTreeMap<u32, u32>> {
-    let client = BlockingClient::new(vm.api_socket())?;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let view = guest_view(vm);
-        let api = api_guest_online(&client)?;
-        let numbers: Option<BTreeMap<u32, u32>> =
-            api.iter().map(|(&id, cpu)| Some((id, (*cpu)?))).collect();
-        let agree = |view: &GuestView, numbers: &BTreeMap<u32, u32>| {
-            view.vcpus.as_ref().is_none_or(|v| v == want)
-                && numbers.keys().eq(want.iter())
-                && numbers.values().copied().collect::<BTreeSet<_>>() == view.online
-        };
-        if let (Some(view), Some(numbers)) = (&view, &numbers) {
-            if agree(view, numbers) {
-                return Ok(numbers.clone());
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "guest online: console {view:?}, agent via API (id: guest_cpu) {api:?}; \
-                 expected vCPUs {want:?}"
-            )
-            .into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn present(client: &BlockingClient) -> TestResult<BTreeSet<u32>> {
     Ok(client
@@ -204,21 +108,21 @@ fn expect_status(
 fn lifecycle(vm: &mut RunningVm) -> TestResult {
     vm.wait_for_console("GUEST-READY", Duration::from_secs(180))?;
     let client = BlockingClient::new(vm.api_socket())?;
-    wait_guest_online(vm, &set([0]))?;
+    e2e::guest_view::wait_guest_online(vm, &set([0]), WAIT)?;
     assert_eq!(present(&client)?, set([0]));
 
     step("resize 1->4", || client.resize(4, Some(WAIT)))?;
     assert_eq!(present(&client)?, set(0..4));
-    wait_guest_online(vm, &set(0..4))?;
+    e2e::guest_view::wait_guest_online(vm, &set(0..4), WAIT)?;
     let fds_after_first_adds = metric(&client, "vmm_vcpu_fds_created_total")?;
 
     step("remove 3", || client.remove_vcpu(3, Some(WAIT)))?;
     assert_eq!(present(&client)?, set(0..3));
-    wait_guest_online(vm, &set(0..3))?;
+    e2e::guest_view::wait_guest_online(vm, &set(0..3), WAIT)?;
     assert!(metric(&client, "vmm_vcpu_hot_removes_total")? >= 1);
 
     step("add 3 again", || client.add_vcpu(3, Some(WAIT)))?;
-    wait_guest_online(vm, &set(0..4))?;
+    e2e::guest_view::wait_guest_online(vm, &set(0..4), WAIT)?;
     let fds = metric(&client, "vmm_vcpu_fds_created_total")?;
     if fds != fds_after_first_adds {
         return Err(
@@ -228,10 +132,10 @@ fn lifecycle(vm: &mut RunningVm) -> TestResult {
     assert!(metric(&client, "vmm_vcpu_fds_reused_total")? >= 1);
 
     step("resize 4->8", || client.resize(8, Some(WAIT)))?;
-    wait_guest_online(vm, &set(0..8))?;
+    e2e::guest_view::wait_guest_online(vm, &set(0..8), WAIT)?;
     step("resize 8->1", || client.resize(1, Some(WAIT)))?;
     assert_eq!(present(&client)?, set([0]));
-    wait_guest_online(vm, &set([0]))?;
+    e2e::guest_view::wait_guest_online(vm, &set([0]), WAIT)?;
 
     // Asking for what is already true is not an error (200, no change).
     match client.resize(1, None)? {
@@ -355,7 +259,7 @@ fn concurrent_clients(vm: &RunningVm) -> TestResult {
         std::thread::sleep(Duration::from_millis(100));
     }
     let want = present(&client)?;
-    wait_guest_online(vm, &want)?;
+    e2e::guest_view::wait_guest_online(vm, &want, WAIT)?;
     println!("after the concurrent clients: present {want:?}, guest agrees");
     Ok(())
 }
@@ -373,7 +277,7 @@ fn vcpu_hotplug_lifecycle() {
 fn churn(vm: &mut RunningVm) -> TestResult {
     vm.wait_for_console("GUEST-READY", Duration::from_secs(180))?;
     let client = BlockingClient::new(vm.api_socket())?;
-    wait_guest_online(vm, &set([0]))?;
+    e2e::guest_view::wait_guest_online(vm, &set([0]), WAIT)?;
     let cycles: u32 = std::env::var("E2E_CHURN_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -385,7 +289,7 @@ fn churn(vm: &mut RunningVm) -> TestResult {
         let down = format!("cycle {cycle}: resize 8->1");
         step(&down, || client.resize(1, Some(WAIT)))?;
         assert_eq!(present(&client)?, set([0]));
-        wait_guest_online(vm, &set([0]))?;
+        e2e::guest_view::wait_guest_online(vm, &set([0]), WAIT)?;
         let created = metric(&client, "vmm_vcpu_fds_created_total")?;
         // Later cycles reuse the fds the first one created.
         if *fds_after_first.get_or_insert(created) != created {
@@ -428,7 +332,7 @@ fn vcpu_resize_churn() {
 fn ids_out_of_order(vm: &mut RunningVm) -> TestResult {
     vm.wait_for_console("GUEST-READY", Duration::from_secs(180))?;
     let client = BlockingClient::new(vm.api_socket())?;
-    let mut numbering = Numbering(wait_guest_online(vm, &set([0]))?);
+    let mut numbering = Numbering(e2e::guest_view::wait_guest_online(vm, &set([0]), WAIT)?);
     if numbering.0.get(&0) != Some(&0) {
         return Err(format!("vCPU 0 is not cpu0: {:?}", numbering.0).into());
     }
@@ -480,7 +384,7 @@ impl Numbering {
         added: Option<u32>,
     ) -> TestResult {
         assert_eq!(&present(client)?, want);
-        let now = wait_guest_online(vm, want)?;
+        let now = e2e::guest_view::wait_guest_online(vm, want, WAIT)?;
         for v in client.vcpus()?.vcpus {
             let known = v.guest_cpu.is_some();
             if known != (v.state == VcpuState::Present) {

@@ -216,6 +216,8 @@ pub struct VmmMetrics {
     /// Guest-driven events the VMM thread dropped because its queue was
     /// full (a guest flooding a channel).
     pub guest_events_dropped: u64,
+    /// The VMM process's open fds, threads and resident memory.
+    pub process: crate::procstat::ProcessStats,
 }
 
 /// Why a control message could not be exchanged.

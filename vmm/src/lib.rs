@@ -33,6 +33,7 @@ pub mod hotplug;
 pub mod kvm_check;
 pub mod layout;
 pub mod memory;
+pub mod procstat;
 pub mod ratelimit;
 pub mod signals;
 #[cfg(test)]

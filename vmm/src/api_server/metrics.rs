@@ -115,13 +115,34 @@ impl ApiMetrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
             );
         }
-        let name = "vmm_vcpus_stuck";
-        let _ = write!(
-            text,
-            "# HELP {name} vCPUs whose thread did not stop when asked.\n\
-             # TYPE {name} gauge\n{name} {}\n",
-            vmm.stuck_vcpus
-        );
+        let gauges = [
+            (
+                "vmm_vcpus_stuck",
+                "vCPUs whose thread did not stop when asked.",
+                vmm.stuck_vcpus,
+            ),
+            (
+                "process_open_fds",
+                "Open file descriptors of the VMM process.",
+                vmm.process.open_fds,
+            ),
+            (
+                "process_threads",
+                "Threads of the VMM process.",
+                vmm.process.threads,
+            ),
+            (
+                "process_resident_memory_bytes",
+                "Resident memory of the VMM process in bytes.",
+                vmm.process.resident_bytes,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = write!(
+                text,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+            );
+        }
         let name = "vmm_api_requests_total";
         let _ = write!(
             text,
@@ -183,6 +204,11 @@ mod tests {
             stuck_vcpus: 1,
             repeated_requests: 2,
             guest_events_dropped: 3,
+            process: crate::procstat::ProcessStats {
+                open_fds: 20,
+                threads: 5,
+                resident_bytes: 4096,
+            },
         };
         let text = metrics.render(&vmm);
         assert!(text.contains(
@@ -204,6 +230,8 @@ mod tests {
         assert!(text.contains("# TYPE vmm_vcpus_stuck gauge\nvmm_vcpus_stuck 1\n"));
         assert!(text.contains("vmm_repeated_requests_total 2\n"));
         assert!(text.contains("vmm_guest_events_dropped_total 3\n"));
+        assert!(text.contains("# TYPE process_open_fds gauge\nprocess_open_fds 20\n"));
+        assert!(text.contains("process_resident_memory_bytes 4096\n"));
         assert!(text.contains("vmm_api_requests_total{status=\"202\"} 1\n"));
         assert!(text.contains("vmm_api_requests_total{status=\"other\"} 0\n"));
         // Every sample line is `name{labels} value` or `name value`.

@@ -89,6 +89,7 @@ impl<M: Machine> Coordinator<M> {
             stuck_vcpus: u64::try_from(stuck).unwrap_or(u64::MAX),
             repeated_requests: self.counters.repeated,
             guest_events_dropped: self.events_dropped,
+            process: crate::procstat::ProcessStats::read(),
         }
     }
 }
