@@ -199,7 +199,12 @@ pub struct EmulatedHost {
     link: UnixStream,
     forwarder: Option<Forwarder>,
     timings: HostTimings,
+    /// `testhost-init` ends the job (and says so) after this long.
+    job_timeout: Duration,
 }
+
+/// How long past the job's own bound `testhost-init` has to report it.
+const JOB_REPORT_GRACE: Duration = Duration::from_secs(30);
 
 impl EmulatedHost {
     /// Boots the emulated host once and waits for `TESTHOST-READY`.
@@ -284,6 +289,7 @@ impl EmulatedHost {
             link,
             forwarder,
             timings: HostTimings::default(),
+            job_timeout: payload.timeout,
         };
         host.wait_ready()?;
         Ok(host)
@@ -378,6 +384,9 @@ impl EmulatedHost {
             if Instant::now() >= deadline {
                 self.kill();
                 if let Some(f) = self.failure() {
+                    return Err(Error::HostFailed(f));
+                }
+                if let Some(f) = silent_host(timeout, self.job_timeout) {
                     return Err(Error::HostFailed(f));
                 }
                 return Err(Error::Timeout {
@@ -491,5 +500,34 @@ impl Drop for WorkDir {
         if std::env::var_os("E2E_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+}
+
+/// A wait of `waited` for `TESTHOST-EXIT` that saw neither it nor
+/// `TESTHOST-ERROR`: when that is longer than the job's own bound plus
+/// [`JOB_REPORT_GRACE`], `testhost-init` (which ends a job at its bound and
+/// reports it) could not run either, so the emulated host itself stopped
+/// (seen: a host that reached ready and then never answered again).
+pub fn silent_host(waited: Duration, job_timeout: Duration) -> Option<String> {
+    (waited >= job_timeout + JOB_REPORT_GRACE).then(|| {
+        format!(
+            "the emulated host stopped responding: no {} or job-timeout report \
+             within {}s, past the job's own {}s bound (hang after ready)",
+            job::EXIT,
+            waited.as_secs(),
+            job_timeout.as_secs()
+        )
+    })
+}
+
+#[cfg(test)]
+mod silent_tests {
+    use super::*;
+
+    #[test]
+    fn a_host_silent_past_the_jobs_bound_is_the_hosts_failure() {
+        let s = Duration::from_secs;
+        assert!(silent_host(s(120), s(60)).is_some());
+        assert!(silent_host(s(80), s(60)).is_none());
     }
 }
