@@ -102,6 +102,7 @@ impl Vmm {
             AgentSession::new(link, outlet),
         )
         .with_timeouts(cfg.timeouts)
+        .with_guest_ram(vm.mem.clone())
         .with_test_hooks(cfg.test_hooks);
         let (control_tx, control) = control::channel()?;
         let api = match &cfg.api_socket {

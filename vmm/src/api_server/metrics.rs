@@ -133,8 +133,13 @@ impl ApiMetrics {
             ),
             (
                 "process_resident_memory_bytes",
-                "Resident memory of the VMM process in bytes.",
+                "Resident memory of the VMM process in bytes, guest memory included.",
                 vmm.process.resident_bytes,
+            ),
+            (
+                "vmm_guest_memory_resident_bytes",
+                "Of the process's resident memory, the guest's RAM.",
+                vmm.process.guest_resident_bytes,
             ),
         ];
         for (name, help, value) in gauges {
@@ -208,6 +213,7 @@ mod tests {
                 open_fds: 20,
                 threads: 5,
                 resident_bytes: 4096,
+                guest_resident_bytes: 1024,
             },
         };
         let text = metrics.render(&vmm);

@@ -196,6 +196,6 @@ fn metrics_count_hotplug_and_requests() {
             .lines()
             .filter(|l| l.starts_with("# TYPE"))
             .count(),
-        15
+        16
     );
 }
