@@ -204,7 +204,7 @@ pub struct EmulatedHost {
 }
 
 /// How long past the job's own bound `testhost-init` has to report it.
-const JOB_REPORT_GRACE: Duration = Duration::from_secs(30);
+pub const JOB_REPORT_GRACE: Duration = Duration::from_secs(30);
 
 impl EmulatedHost {
     /// Boots the emulated host once and waits for `TESTHOST-READY`.
