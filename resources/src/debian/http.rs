@@ -62,15 +62,23 @@ fn open(url: &str) -> Result<ureq::Body, FetchError> {
     Ok(response.into_body())
 }
 
-/// The body of `url`, at most `limit` bytes.
+/// The body of `url`, at most `limit` bytes (a longer one is refused as
+/// not what the index says, not as a network failure).
 pub fn get(url: &str, limit: u64) -> Result<Vec<u8>, FetchError> {
     let mut body = open(url)?;
     body.with_config()
         .limit(limit)
         .read_to_vec()
-        .map_err(|source| FetchError::Network {
-            url: url.to_owned(),
-            source: Box::new(source),
+        .map_err(|source| match source {
+            ureq::Error::BodyExceedsLimit(_) => FetchError::Mismatch {
+                what: url.to_owned(),
+                expected: format!("at most {limit} bytes"),
+                actual: "more".to_owned(),
+            },
+            source => FetchError::Network {
+                url: url.to_owned(),
+                source: Box::new(source),
+            },
         })
 }
 
@@ -82,11 +90,8 @@ pub fn download_verified(
     size: u64,
     sha256: &str,
 ) -> Result<(), FetchError> {
-    let body = open(url)?;
-    let mut reader = body
-        .into_with_config()
-        .limit(size.saturating_add(1))
-        .reader();
+    // No limit in the reader: the loop stops one byte past `size` itself.
+    let mut reader = open(url)?.into_reader();
     let mut hasher = Sha256::new();
     let mut got = 0u64;
     let mut failure = None;
@@ -117,10 +122,11 @@ pub fn download_verified(
             failure = Some(FetchError::Mismatch {
                 what: url.to_owned(),
                 expected: format!("{size} bytes, SHA-256 {sha256}"),
-                actual: format!(
-                    "{got}{} bytes, SHA-256 {actual}",
-                    if got > size { "+" } else { "" }
-                ),
+                actual: if got > size {
+                    format!("more than {size} bytes")
+                } else {
+                    format!("{got} bytes, SHA-256 {actual}")
+                },
             });
             return Err(std::io::Error::other("verification failed"));
         }
@@ -207,16 +213,14 @@ pub(crate) mod tests {
     fn downloads_are_checked_before_they_land() {
         let dir = crate::cache::tests::test_dir("dlcheck");
         let dest = dir.path().join("x.deb");
-        let url = serve(b"abc", 3);
+        let url = serve(b"abc", 5);
         let err = download_verified(&url, &dest, 3, &sha256_hex(b"abd")).unwrap_err();
         assert!(matches!(err, FetchError::Mismatch { .. }), "{err}");
         assert!(!err.is_environmental());
         assert!(!dest.exists());
-        let err = download_verified(&url, &dest, 2, &sha256_hex(b"ab")).unwrap_err();
-        assert!(
-            err.to_string().contains("3+ bytes") || err.to_string().contains("3 bytes"),
-            "{err}"
-        );
+        let err = download_verified(&url, &dest, 1, &sha256_hex(b"a")).unwrap_err();
+        assert!(matches!(err, FetchError::Mismatch { .. }), "{err}");
+        assert!(err.to_string().ends_with("got more than 1 bytes"), "{err}");
         assert!(!dest.exists());
         download_verified(&url, &dest, 3, &sha256_hex(b"abc")).unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"abc");
@@ -225,6 +229,10 @@ pub(crate) mod tests {
             1,
             "temp files left"
         );
+        // A body longer than the bound is refused as a mismatch.
+        let err = get(&url, 2).unwrap_err();
+        assert!(matches!(err, FetchError::Mismatch { .. }), "{err}");
+        assert_eq!(get(&url, 3).unwrap(), b"abc");
     }
 
     #[test]
