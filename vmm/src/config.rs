@@ -162,6 +162,9 @@ pub struct VmConfig {
     pub test_hooks: bool,
     /// How long the guest has for each hotplug step.
     pub timeouts: crate::hotplug::Timeouts,
+    /// Drop to this user once /dev/kvm, the guest images and the API
+    /// socket are open, before any vCPU runs (`privileges::drop_to`).
+    pub user: Option<crate::privileges::User>,
 }
 
 #[cfg(test)]

@@ -47,6 +47,9 @@ pub enum RunError {
     /// The API server could not start.
     #[error("cannot start the API server")]
     Api(#[from] api_server::ApiServerError),
+    /// `--user`: the privileges could not be dropped.
+    #[error("cannot drop privileges")]
+    Privileges(#[from] crate::privileges::PrivilegeError),
 }
 
 /// The state the event loop works on.
@@ -70,7 +73,8 @@ impl std::fmt::Debug for Vmm {
 }
 
 impl Vmm {
-    /// Builds the VM of `cfg` and starts its boot vCPUs; the VM ends when
+    /// Builds the VM of `cfg`, starts the API server, drops privileges
+    /// (`cfg.user`) and starts the boot vCPUs; the VM ends when
     /// `terminate` (`signals::TerminateSignal::eventfd`) becomes readable.
     pub fn start(cfg: &VmConfig, terminate: EventFd) -> Result<Self, RunError> {
         let (sender, events) = EventSender::new(DEFAULT_CAPACITY)?;
@@ -88,6 +92,24 @@ impl Vmm {
             vm.devices.hotplug.clone(),
             vm.devices.ged.clone(),
         );
+        let (control_tx, control) = control::channel()?;
+        let api = match &cfg.api_socket {
+            Some(path) => {
+                let options = ServerOptions {
+                    test_hooks: cfg.test_hooks,
+                    ..ServerOptions::default()
+                };
+                let metrics = Arc::new(ApiMetrics::default());
+                let handle = api_server::start_with(path, control_tx, metrics, options)?;
+                Some(handle)
+            }
+            None => None,
+        };
+        // Everything is open (/dev/kvm, the images, the API socket) and no
+        // vCPU runs yet.
+        if let Some(user) = cfg.user {
+            crate::privileges::drop_to(user, cfg.api_socket.as_deref())?;
+        }
         cpus.boot(cfg.cpus.boot, &vm.mem, &vm.boot_entry)?;
         let uart = vm.devices.agent_uart.clone();
         let outlet: Outlet = Box::new(move |b: &[u8]| lock(&uart).enqueue_input(b));
@@ -104,19 +126,6 @@ impl Vmm {
         .with_timeouts(cfg.timeouts)
         .with_guest_ram(vm.mem.clone())
         .with_test_hooks(cfg.test_hooks);
-        let (control_tx, control) = control::channel()?;
-        let api = match &cfg.api_socket {
-            Some(path) => {
-                let options = ServerOptions {
-                    test_hooks: cfg.test_hooks,
-                    ..ServerOptions::default()
-                };
-                let metrics = Arc::new(ApiMetrics::default());
-                let handle = api_server::start_with(path, control_tx, metrics, options)?;
-                Some(handle)
-            }
-            None => None,
-        };
         log::info!(
             "VM started: {} of {} vCPUs, {} MiB",
             cfg.cpus.boot,

@@ -11,6 +11,7 @@
 //! | 4 | the VMM was signalled (SIGINT, SIGTERM), during start-up or while running |
 //! | 5 | the guest agent reported a fatal error |
 //! | 6 | the VMM panicked (vCPU threads stopped, API socket removed) |
+//! | 7 | killed by seccomp: a thread made a system call outside its filter (one line on stderr names the thread and the call) |
 
 use std::panic::{catch_unwind, AssertUnwindSafe, UnwindSafe};
 use std::process::ExitCode;
@@ -33,11 +34,14 @@ pub enum ExitStatus {
     AgentFailed = 5,
     /// 6: the VMM panicked.
     Panic = 6,
+    /// 7: killed by seccomp: a thread made a forbidden system call
+    /// (`seccomp::sigsys`).
+    Seccomp = 7,
 }
 
 impl ExitStatus {
     /// Every status, in numeric order.
-    pub const ALL: [ExitStatus; 7] = [
+    pub const ALL: [ExitStatus; 8] = [
         Self::PowerOff,
         Self::VmmError,
         Self::Reset,
@@ -45,6 +49,7 @@ impl ExitStatus {
         Self::Signalled,
         Self::AgentFailed,
         Self::Panic,
+        Self::Seccomp,
     ];
 
     /// The numeric process exit status.
@@ -62,6 +67,7 @@ impl ExitStatus {
             Self::Signalled => "the VMM was signalled (SIGINT/SIGTERM)",
             Self::AgentFailed => "the guest agent failed",
             Self::Panic => "the VMM panicked",
+            Self::Seccomp => "killed by seccomp (a forbidden system call)",
         }
     }
 }
@@ -78,7 +84,8 @@ impl From<ExitStatus> for ExitCode {
 /// ([`ExitReason::status`]): 0 power off, 2 reset, 3 vCPU failure,
 /// 4 signalled, 5 guest agent failure. The VMM's own failures are not
 /// reasons the VM ended but statuses of the process: 1 for an error
-/// (configuration, KVM, boot), 6 for a panic.
+/// (configuration, KVM, boot), 6 for a panic, 7 for a forbidden system
+/// call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
     /// The guest powered off (exit status 0).
@@ -144,7 +151,7 @@ mod tests {
     #[test]
     fn statuses_are_distinct_and_documented() {
         let codes: Vec<u8> = ExitStatus::ALL.iter().map(|s| s.code()).collect();
-        assert_eq!(codes, [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(codes, [0, 1, 2, 3, 4, 5, 6, 7]);
         let doc = include_str!("exit.rs");
         for s in ExitStatus::ALL {
             assert!(

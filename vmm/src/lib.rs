@@ -12,6 +12,10 @@
 //! - The **API thread** (`api_server`) serves HTTP on a Unix socket and
 //!   turns each request into a typed control message carrying its own
 //!   reply channel (`control`).
+//! - The **console thread** (`vm::console`) writes COM1's output.
+//!
+//! Each thread installs its own seccomp filter (`seccomp`) before it
+//! handles guest or client input.
 //!
 //! Devices (`devices`) are plain state machines without I/O; their owners
 //! turn results into interrupts and vCPU changes.
@@ -33,8 +37,10 @@ pub mod hotplug;
 pub mod kvm_check;
 pub mod layout;
 pub mod memory;
+pub mod privileges;
 pub mod procstat;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod signals;
 #[cfg(test)]
 mod testlog;

@@ -1,7 +1,8 @@
 //! `vmm`: boot a Linux guest whose vCPUs can be added and removed at run time.
 //!
 //! Exit statuses: see `vmm::exit` (0 power off, 1 VMM error, 2 reset,
-//! 3 vCPU failure, 4 signalled, 5 guest agent failure, 6 VMM panic).
+//! 3 vCPU failure, 4 signalled, 5 guest agent failure, 6 VMM panic,
+//! 7 killed by seccomp).
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -15,6 +16,8 @@ use vmm::config::{parse_size, CpusConfig, SerialOutput, VmConfig};
 use vmm::event_loop::Vmm;
 use vmm::exit::{self, ExitStatus};
 use vmm::kvm_check::{self, KvmFlavor};
+use vmm::privileges::{self, User};
+use vmm::seccomp::{self, SeccompMode, ThreadClass};
 use vmm::signals::{self, TerminateSignal};
 
 /// How long a panicking VMM waits for its vCPU threads to stop.
@@ -62,6 +65,17 @@ struct Cli {
     /// Boot even though /dev/kvm is PVM (stock kernels will not boot).
     #[arg(long)]
     allow_pvm: bool,
+    /// Seccomp filters per thread: enforce (a system call outside a
+    /// thread's list ends the VMM with status 7 and a line naming the
+    /// thread and the call), log (allowed, logged by the kernel), off.
+    #[arg(long, default_value = "enforce")]
+    seccomp: SeccompMode,
+    /// Drop to this user and group (numeric UID:GID) once /dev/kvm, the
+    /// guest images and the API socket are open, before the guest runs.
+    /// Needs root; the API socket is handed to the user, and its directory
+    /// must let the user remove it at exit.
+    #[arg(long)]
+    user: Option<User>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", value_parser = parse_level)]
     log_level: log::LevelFilter,
@@ -132,6 +146,26 @@ fn signalled(signals: &TerminateSignal, during: &str) -> Option<ExitStatus> {
     Some(ExitStatus::Signalled)
 }
 
+/// The test hook `VMM_TEST_FORBIDDEN_SYSCALL=CLASS` (with --test-hooks):
+/// the first thread of that class makes a forbidden system call.
+const FORBIDDEN_SYSCALL_ENV: &str = "VMM_TEST_FORBIDDEN_SYSCALL";
+
+fn seccomp_settings(cli: &Cli) -> anyhow::Result<seccomp::Settings> {
+    let forbidden_syscall = match std::env::var(FORBIDDEN_SYSCALL_ENV) {
+        Ok(class) if cli.test_hooks => Some(
+            class
+                .parse::<ThreadClass>()
+                .map_err(|e| anyhow::anyhow!("{FORBIDDEN_SYSCALL_ENV}: {e}"))?,
+        ),
+        _ => None,
+    };
+    Ok(seccomp::Settings {
+        mode: cli.seccomp,
+        user: cli.user,
+        forbidden_syscall,
+    })
+}
+
 fn run(cli: Cli, signals: &TerminateSignal) -> anyhow::Result<ExitStatus> {
     let kernel = kernel_spec(&cli)?;
     if let Some(s) = signalled(signals, "start-up") {
@@ -149,15 +183,25 @@ fn run(cli: Cli, signals: &TerminateSignal) -> anyhow::Result<ExitStatus> {
         serial: cli.serial.clone(),
         test_hooks: cli.test_hooks,
         timeouts: cli.hotplug_timeouts,
+        user: cli.user,
     };
     if cfg.test_hooks {
         log::warn!("test hooks enabled: the API serves /api/v1/test/ (fault injection)");
+    }
+    // Before the VM's threads exist: each installs its filter as it starts.
+    seccomp::configure(seccomp_settings(&cli)?)?;
+    if cli.seccomp == SeccompMode::Enforce {
+        log::info!("seccomp filters: {}", cli.seccomp);
+    } else {
+        log::warn!("seccomp filters: {}", cli.seccomp);
     }
     if let Some(s) = signalled(signals, "start-up") {
         return Ok(s);
     }
     // A signal from here on makes the event loop's first turn end the VM.
     let vmm = Vmm::start(&cfg, signals.eventfd()?)?;
+    // The VM is built: the VMM thread's own filter, before the event loop.
+    seccomp::try_enter(ThreadClass::Vmm)?;
     if cfg.test_hooks && std::env::var_os("VMM_TEST_PANIC").is_some() {
         // Test hook: the panic path with vCPU threads and the API running.
         panic!("test hook: VMM_TEST_PANIC");
@@ -195,7 +239,13 @@ fn install_panic_hook() {
         }
         let bt = std::backtrace::Backtrace::capture();
         if bt.status() == std::backtrace::BacktraceStatus::Captured {
-            let _ = std::io::Write::write_all(&mut err, format!("{bt}\n").as_bytes());
+            // Resolving it reads the executable, which no seccomp list allows.
+            let text = if seccomp::enforced_here() {
+                "(backtrace not resolved under --seccomp enforce: run with --seccomp log)".into()
+            } else {
+                bt.to_string()
+            };
+            let _ = std::io::Write::write_all(&mut err, format!("{text}\n").as_bytes());
         }
     }));
 }
@@ -215,7 +265,9 @@ fn remove_stale_socket(path: &std::path::Path) {
 /// remove the API socket, say so in one line.
 fn after_panic(api_socket: Option<&std::path::Path>) {
     let left = vmm::vcpu::stop_all(PANIC_STOP_BOUND);
-    if let Some(path) = api_socket {
+    // Under the VMM thread's filter the check cannot connect(2); the API
+    // server removed its own socket already while unwinding.
+    if let Some(path) = api_socket.filter(|_| !seccomp::enforced_here()) {
         remove_stale_socket(path);
     }
     let what = MAIN_PANIC
@@ -243,6 +295,11 @@ fn main() -> ExitCode {
             return ExitStatus::VmmError.into();
         }
     };
+    // Inherited by every thread: nothing gains privileges from here on.
+    if let Err(e) = privileges::set_no_new_privs() {
+        eprintln!("vmm: error: {e}");
+        return ExitStatus::VmmError.into();
+    }
     install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

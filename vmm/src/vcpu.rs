@@ -160,6 +160,8 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                // Before the first KVM_RUN.
+                crate::seccomp::enter(crate::seccomp::ThreadClass::Vcpu);
                 let _done = DoneGuard(done_tx);
                 run_vcpu(self, &ctx, &thread_control)
             })

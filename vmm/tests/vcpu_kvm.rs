@@ -1,7 +1,8 @@
 //! The vCPU machinery on a real /dev/kvm with tiny real-mode guests:
 //! create, run, exit dispatch, kick, bounded join, and reuse of a stopped
 //! vCPU. Small code snippets run on any KVM, including PVM, so this runs
-//! on every machine with /dev/kvm.
+//! on every machine with /dev/kvm. The vCPU threads run under the vCPU
+//! seccomp filter.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,8 +72,17 @@ struct Fixture {
     events: EventReceiver,
 }
 
+/// Every vCPU thread of these tests runs under the `vmm` binary's vCPU
+/// filter, enforced: a system call outside its list ends this test
+/// process with status 7 and a line naming it.
+fn enforce_seccomp() {
+    static CONFIGURED: std::sync::Once = std::sync::Once::new();
+    CONFIGURED.call_once(|| vmm::seccomp::configure(Default::default()).unwrap());
+}
+
 fn fixture() -> Option<Fixture> {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    enforce_seccomp();
     let kvm = match Kvm::new() {
         Ok(k) => k,
         Err(e) => {

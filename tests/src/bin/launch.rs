@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo run --release -p e2e --bin launch -- [--api-socket PATH] \
-//!     [--cpus boot=1,max=8] [--memory 256M] [--cmdline "loglevel=7"] [--host emulated]
+//!     [--cpus boot=1,max=8] [--memory 256M] [--cmdline "loglevel=7"] [--host emulated] \
+//!     [--seccomp enforce|log|off]
 //! ```
 //!
 //! The API socket: `--api-socket`, else `$VMM_SOCKET`, else the default
@@ -49,6 +50,10 @@ struct Args {
     /// Stop the VM after this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     timeout: u64,
+    /// The VMM's seccomp filters: enforce (a forbidden system call ends it
+    /// with status 7), log (allowed, logged by the kernel) or off.
+    #[arg(long, default_value = "enforce", value_parser = ["enforce", "log", "off"])]
+    seccomp: String,
 }
 
 fn parse_cpus(s: &str) -> Result<(u32, u32)> {
@@ -125,7 +130,10 @@ fn run() -> Result<i32> {
         args.api_socket.clone(),
         std::env::var_os(api::socket::SOCKET_ENV),
     )?;
-    let mut spec = VmSpec::new(boot, max).cmdline(&args.cmdline);
+    let mut spec = VmSpec::new(boot, max)
+        .cmdline(&args.cmdline)
+        .vmm_arg("--seccomp")
+        .vmm_arg(&args.seccomp);
     spec.memory_mib = parse_mib(&args.memory)?;
     spec.api_socket = Some(socket.clone());
     spec.host = host;

@@ -235,7 +235,10 @@ pub fn start_with(
     let (stop, stopped) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("vmm_api".into())
-        .spawn(move || runtime.block_on(connection::serve(listener, state, stopped)));
+        .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadClass::Api);
+            runtime.block_on(connection::serve(listener, state, stopped))
+        });
     let thread = match thread {
         Ok(thread) => thread,
         Err(e) => {

@@ -75,7 +75,10 @@ impl Console {
         let writer = shared.clone();
         std::thread::Builder::new()
             .name("console".into())
-            .spawn(move || write_out(&writer, out))?;
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadClass::Console);
+                write_out(&writer, out)
+            })?;
         Ok((
             Self {
                 shared: shared.clone(),
