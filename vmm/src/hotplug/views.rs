@@ -28,6 +28,7 @@ impl<M: Machine> Coordinator<M> {
             memory_mib: self.facts.memory_mib,
             agent_connected: self.session.connection_state(now),
             agent_version: link.version().map(str::to_owned),
+            workload: self.workload.info(),
         }
     }
 
