@@ -63,7 +63,7 @@ pub mod status {
 
 /// The command line.
 pub const USAGE: &str = "usage: cpu-follower [--changes N] [--duration SECS] [--timeout SECS]
-                    [--settle SECS] [--exit-code N]
+                    [--settle SECS] [--exit-code N] [--lines N]
 
 Keeps one worker per online CPU (smpboot registry over sysfs + uevents),
 prints a line per CPU change and per check of its invariants.
@@ -73,6 +73,7 @@ prints a line per CPU change and per check of its invariants.
   --settle SECS    how long a failing check may last without CPU events
                    before it counts as a broken invariant (default 10)
   --exit-code N    exit with N instead of 0 after a good run (tests)
+  --lines N        print N numbered lines first (a workload's output volume)
 Without --changes or --duration it runs until killed.
 Exit: 0 done, 1 broken invariant, 2 usage, 3 topology error, 4 timeout.";
 
@@ -89,6 +90,8 @@ pub struct Options {
     pub settle: Duration,
     /// The status of a good run.
     pub exit_code: i32,
+    /// Numbered lines to print first.
+    pub lines: u64,
 }
 
 impl Default for Options {
@@ -99,6 +102,7 @@ impl Default for Options {
             timeout: None,
             settle: Duration::from_secs(10),
             exit_code: 0,
+            lines: 0,
         }
     }
 }
@@ -127,6 +131,10 @@ impl Options {
                 "--duration" => opts.duration = Some(seconds(&value()?)?),
                 "--timeout" => opts.timeout = Some(seconds(&value()?)?),
                 "--settle" => opts.settle = seconds(&value()?)?,
+                "--lines" => {
+                    let v = value()?;
+                    opts.lines = v.parse().map_err(|_| format!("--lines {v:?}"))?;
+                }
                 "--exit-code" => {
                     let v = value()?;
                     opts.exit_code = v
@@ -374,6 +382,9 @@ impl<'a> Follower<'a> {
 
     /// Follows the topology until `opts` says stop; every line goes to `out`.
     pub fn run(&self, opts: &Options, out: &mut dyn FnMut(&str)) -> Outcome {
+        for i in 1..=opts.lines {
+            out(&format!("cpu-follower: line {i} of {}", opts.lines));
+        }
         let start = Instant::now();
         let hotplug = CpuHotplug::new(&self.registry, self.topo);
         let (mut changes, mut checks) = (0u64, 0u64);

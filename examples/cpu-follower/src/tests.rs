@@ -121,6 +121,7 @@ fn a_duration_ends_the_run_and_a_timeout_fails_it() {
     let opts = Options {
         duration: Some(Duration::from_millis(200)),
         exit_code: 3,
+        lines: 2,
         ..Options::default()
     };
     let outcome = follower.run(&opts, &mut |l| lines.push(l.to_owned()));
@@ -130,6 +131,10 @@ fn a_duration_ends_the_run_and_a_timeout_fails_it() {
             changes: 0,
             checks: 1
         }
+    );
+    assert_eq!(
+        lines[..2],
+        ["cpu-follower: line 1 of 2", "cpu-follower: line 2 of 2"]
     );
     assert_eq!(outcome.exit_code(&opts), 3);
     let opts = Options {
@@ -146,9 +151,10 @@ fn a_duration_ends_the_run_and_a_timeout_fails_it() {
 fn options() {
     let args = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
     let o = Options::parse(args(
-        "--changes 12 --duration 1.5 --timeout 60 --settle 2 --exit-code 3",
+        "--changes 12 --duration 1.5 --timeout 60 --settle 2 --exit-code 3 --lines 7",
     ))
     .unwrap();
+    assert_eq!(o.lines, 7);
     assert_eq!(o.changes, Some(12));
     assert_eq!(o.duration, Some(Duration::from_millis(1500)));
     assert_eq!(o.timeout, Some(Duration::from_secs(60)));

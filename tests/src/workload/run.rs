@@ -68,6 +68,9 @@ pub struct Outcome {
     /// In the emulated host, a failure of the nested guest its nested
     /// virtualization causes (tests retry such a run once).
     pub nested_failure: Option<String>,
+    /// The emulated host itself failed (a reset, a lockup): tests retry
+    /// such a run once.
+    pub host_failure: Option<String>,
 }
 
 /// Why a run could not even start.
@@ -278,6 +281,7 @@ fn outcome(vm: &RunningVm, st: &State, status: i32, summary: String) -> Outcome 
         steps_done: st.steps_done,
         console_log: vm.console_log(),
         nested_failure: vm.nested_guest_failure(),
+        host_failure: vm.host_failure(),
     }
 }
 
@@ -314,7 +318,13 @@ fn finish(
     } else {
         format!("the VM ended before the workload started: {vmm}")
     };
-    outcome(vm, &st, status::VM_FAILED, summary)
+    let mut out = outcome(vm, &st, status::VM_FAILED, summary);
+    if let Some(Err(e)) = &ended {
+        if e.is_host_failure() && out.host_failure.is_none() {
+            out.host_failure = Some(e.to_string());
+        }
+    }
+    out
 }
 
 #[cfg(test)]
