@@ -230,14 +230,18 @@ fn step_workload(
 ) -> Option<Exit> {
     w.on_ack(agent.take_workload_acks());
     w.read();
-    let msgs = w.take_messages(now);
     match channel {
         Some(ch) => {
-            for m in &msgs {
-                ch.queue(&encode(m));
+            // Room for the agent's own messages too.
+            let room = channel::MAX_QUEUED.saturating_sub(ch.queued() + 4096);
+            for line in w.take_lines(now, room) {
+                ch.queue(&line);
             }
         }
-        None => w.on_ack(u32::try_from(msgs.len()).unwrap_or(u32::MAX)),
+        None => {
+            let sent = w.take_lines(now, usize::MAX).len();
+            w.on_ack(u32::try_from(sent).unwrap_or(u32::MAX));
+        }
     }
     let exit = w.finished(now)?;
     let GuestMessage::WorkloadExit { status, signal } = exit else {
@@ -245,8 +249,9 @@ fn step_workload(
     };
     let status = agent_proto::workload::shell_status(status, signal, false);
     say(&format!(
-        "GUEST-WORKLOAD exit status={status} lines={}",
-        w.lines()
+        "GUEST-WORKLOAD exit status={status} lines={} lost={}",
+        w.lines(),
+        w.lost()
     ));
     if let Some(ch) = channel {
         ch.queue(&encode(&exit));

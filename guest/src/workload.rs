@@ -29,7 +29,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_proto::agent::GuestMessage;
+use agent_proto::agent::{encode, GuestMessage};
 use agent_proto::workload::{pack_output, LineSplitter, WorkloadSpec, WorkloadStream, WINDOW};
 
 pub use agent_proto::workload::SPEC_PATH;
@@ -164,6 +164,7 @@ pub struct Workload {
     /// (exit status, signal) once reaped, and when.
     exit: Option<(Option<i32>, Option<i32>, Instant)>,
     lines: u64,
+    lost: u64,
 }
 
 /// Why the workload could not start: the `workload_failed` message.
@@ -249,6 +250,7 @@ impl Workload {
             unacked: 0,
             exit: None,
             lines: 0,
+            lost: 0,
         })
     }
 
@@ -331,19 +333,23 @@ impl Workload {
         }
     }
 
-    /// `workload_output` messages for the lines ready, as many as the
-    /// window allows (all of them once the workload is being wound up).
-    pub fn take_messages(&mut self, now: Instant) -> Vec<GuestMessage> {
+    /// `workload_output` messages for the lines ready, encoded, as many
+    /// as the window allows (any number once the workload is being wound
+    /// up) and as fit in `room` bytes (what the channel can still queue:
+    /// it drops what does not fit).
+    pub fn take_lines(&mut self, now: Instant, room: usize) -> Vec<String> {
         let unbounded = self.draining_over(now);
-        let mut msgs = Vec::new();
-        while !self.ready.is_empty() && (unbounded || self.unacked < WINDOW) {
+        let mut out = Vec::new();
+        let mut room = room;
+        'runs: while !self.ready.is_empty() {
             // The longest run of one stream's lines at the front.
             let stream = self.ready[0].0;
             let run = self.ready.iter().take_while(|(s, _)| *s == stream).count();
             let lines: Vec<String> = self.ready.drain(..run).map(|(_, l)| l).collect();
             let mut packed = pack_output(stream, lines).into_iter();
             while let Some(msg) = packed.next() {
-                if !unbounded && self.unacked >= WINDOW {
+                let line = encode(&msg);
+                if (!unbounded && self.unacked >= WINDOW) || line.len() > room {
                     // Put the rest back, in order.
                     let rest = std::iter::once(msg).chain(packed).flat_map(|m| match m {
                         GuestMessage::WorkloadOutput { lines, .. } => lines,
@@ -353,7 +359,7 @@ impl Workload {
                     for item in rest.into_iter().rev() {
                         self.ready.push_front(item);
                     }
-                    break;
+                    break 'runs;
                 }
                 if let GuestMessage::WorkloadOutput { lines, .. } = &msg {
                     self.lines += lines.len() as u64;
@@ -362,13 +368,14 @@ impl Workload {
                         .saturating_sub(lines.iter().map(String::len).sum());
                 }
                 self.unacked += 1;
-                msgs.push(msg);
+                room -= line.len();
+                out.push(line);
             }
         }
         if self.ready.is_empty() {
             self.ready_bytes = 0;
         }
-        msgs
+        out
     }
 
     /// The workload exited and its pipes were read for too long already.
@@ -378,28 +385,46 @@ impl Workload {
     }
 
     /// `workload_exit`, once the workload was reaped and its output is all
-    /// sent (or [`DRAIN_LIMIT`] passed: the pipes are then closed).
+    /// sent. After [`DRAIN_LIMIT`] the pipes are closed (a background child
+    /// kept them open); after twice that, lines the channel still had no
+    /// room for are given up ([`Self::lost`]).
     pub fn finished(&mut self, now: Instant) -> Option<GuestMessage> {
-        let (status, signal, _) = self.exit?;
-        let pipes_open = self.outputs.iter().any(|o| o.pipe.is_some());
+        let (status, signal, at) = self.exit?;
         if self.draining_over(now) {
             for o in &mut self.outputs {
                 o.pipe = None;
             }
-        } else if pipes_open || !self.ready.is_empty() {
-            return None;
         }
-        if !self.ready.is_empty() {
-            return None;
+        let pipes_open = self.outputs.iter().any(|o| o.pipe.is_some());
+        if pipes_open || !self.ready.is_empty() {
+            if now.saturating_duration_since(at) < 2 * DRAIN_LIMIT {
+                return None;
+            }
+            self.lost += self.ready.len() as u64;
+            self.ready.clear();
         }
         Some(GuestMessage::WorkloadExit { status, signal })
     }
 
-    /// How long the event loop may sleep: until the drain limit once the
-    /// workload exited; `None` otherwise (the pipes and SIGCHLD wake it).
+    /// Lines given up at the end (the VMM did not take them in time).
+    pub fn lost(&self) -> u64 {
+        self.lost
+    }
+
+    /// How long the event loop may sleep: until the next drain limit once
+    /// the workload exited; `None` otherwise (the pipes and SIGCHLD wake
+    /// it).
     pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
         let (_, _, at) = self.exit?;
-        Some((at + DRAIN_LIMIT).saturating_duration_since(now))
+        let next = if now < at + DRAIN_LIMIT {
+            at + DRAIN_LIMIT
+        } else {
+            at + 2 * DRAIN_LIMIT
+        };
+        Some(
+            next.saturating_duration_since(now)
+                .max(Duration::from_millis(10)),
+        )
     }
 }
 
@@ -414,6 +439,11 @@ pub(crate) mod tests {
     pub(crate) fn children() -> std::sync::MutexGuard<'static, ()> {
         CHILDREN.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    use agent_proto::agent::decode;
+
+    /// Room a channel with nothing queued has.
+    const ROOM: usize = crate::channel::MAX_QUEUED;
 
     fn spec(script: &str) -> WorkloadSpec {
         WorkloadSpec::new(vec!["/bin/sh".into(), "-c".into(), script.into()])
@@ -433,7 +463,8 @@ pub(crate) mod tests {
                 w.on_reaped(rc, status, Instant::now());
             }
             w.read();
-            for m in w.take_messages(Instant::now()) {
+            for line in w.take_lines(Instant::now(), ROOM) {
+                let m = decode::<GuestMessage>(line.trim_end().as_bytes()).unwrap();
                 let GuestMessage::WorkloadOutput { stream, lines } = m else {
                     panic!("{m:?}")
                 };
@@ -490,10 +521,14 @@ pub(crate) mod tests {
         let _children = children();
         let mut w = Workload::start(&spec("seq 1 100000")).unwrap();
         let now = Instant::now();
+        // What the channel has no room for stays ready.
+        std::thread::sleep(Duration::from_millis(50));
+        w.read();
+        assert!(w.take_lines(now, 100).is_empty());
         let mut sent = 0;
         for _ in 0..200 {
             w.read();
-            sent += w.take_messages(now).len();
+            sent += w.take_lines(now, ROOM).len();
             std::thread::sleep(Duration::from_millis(2));
         }
         assert_eq!(
@@ -503,7 +538,7 @@ pub(crate) mod tests {
         assert!(w.poll_fds().is_empty(), "the pipes are left unread");
         w.on_ack(1);
         w.read();
-        assert_eq!(w.take_messages(now).len(), 1);
+        assert_eq!(w.take_lines(now, ROOM).len(), 1);
     }
 
     #[test]
