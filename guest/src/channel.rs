@@ -5,7 +5,7 @@
 //! as far as the tty takes them ([`Channel::flush`]); the event loop polls
 //! for writability while anything is queued, so a slow UART (one VM exit
 //! per byte) never blocks the agent. Incoming bytes are split into lines
-//! by [`LineDecoder`](api::agent::LineDecoder); decoding them is the caller's business.
+//! by [`LineDecoder`](agent_proto::agent::LineDecoder); decoding them is the caller's business.
 //!
 //! With the VMM's mailbox attached ([`Channel::attach_mailbox`]) the bytes
 //! go through its shared-memory rings instead and the UART carries one

@@ -135,7 +135,9 @@ fn loopback_up() -> io::Result<()> {
     }
     // SAFETY: SIOCGIFFLAGS filled ifru_flags, the union member read here.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    let up = libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    req.ifr_ifru.ifru_flags = flags | up;
     // SAFETY: as above; the kernel reads the name and the flags.
     if unsafe { libc::ioctl(raw, libc::SIOCSIFFLAGS, &raw mut req) } < 0 {
         return Err(io::Error::last_os_error());

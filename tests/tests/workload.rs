@@ -153,7 +153,7 @@ fn cpu_follower_follows_a_seeded_random_churn() {
     // Every resize shows in the workers' own view, in order: each target is
     // reached by a change line's count, one after the other.
     let counts = change_counts(&capture.out);
-    assert_eq!(counts.len() as u32, changes, "{}", show());
+    assert_eq!(counts.len(), changes as usize, "{}", show());
     let mut rest = counts.iter();
     for (i, t) in targets.iter().enumerate() {
         assert!(

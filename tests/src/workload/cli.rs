@@ -116,7 +116,7 @@ fn drawn_seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    (t.as_nanos() as u64) ^ u64::from(std::process::id()).rotate_left(32)
+    t.as_secs().rotate_left(32) ^ u64::from(t.subsec_nanos()) ^ u64::from(std::process::id())
 }
 
 /// The launcher's terminal: see the module docs.
