@@ -18,6 +18,9 @@ pub enum ErrorCode {
     OperationNotFound,
     /// 405: the path exists but not with this method.
     MethodNotAllowed,
+    /// 408: the request (headers and body) was not received within the
+    /// server's request timeout; the connection is closed.
+    RequestTimeout,
     /// 409: vCPU 0 cannot be removed.
     Vcpu0NotRemovable,
     /// 409: a conflicting operation on the same vCPU is in flight.
@@ -32,7 +35,8 @@ pub enum ErrorCode {
     InvalidVcpuCount,
     /// 500: the VMM failed in a way the client cannot fix.
     Internal,
-    /// 503: the VMM is not answering (shutting down or stuck).
+    /// 503: the VMM is not answering (shutting down or stuck), or the API
+    /// server is at its connection limit.
     Unavailable,
     /// A code this client does not know (sent by a newer server).
     #[serde(other)]
@@ -41,12 +45,13 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code a server sends (all but [`ErrorCode::Unknown`]).
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         Self::MalformedRequest,
         Self::NotFound,
         Self::VcpuNotFound,
         Self::OperationNotFound,
         Self::MethodNotAllowed,
+        Self::RequestTimeout,
         Self::Vcpu0NotRemovable,
         Self::Conflict,
         Self::AgentUnavailable,
@@ -63,6 +68,7 @@ impl ErrorCode {
             Self::MalformedRequest => 400,
             Self::NotFound | Self::VcpuNotFound | Self::OperationNotFound => 404,
             Self::MethodNotAllowed => 405,
+            Self::RequestTimeout => 408,
             Self::Vcpu0NotRemovable | Self::Conflict | Self::AgentUnavailable => 409,
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
@@ -80,6 +86,7 @@ impl ErrorCode {
             Self::VcpuNotFound => "vcpu_not_found",
             Self::OperationNotFound => "operation_not_found",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::RequestTimeout => "request_timeout",
             Self::Vcpu0NotRemovable => "vcpu0_not_removable",
             Self::Conflict => "conflict",
             Self::AgentUnavailable => "agent_unavailable",

@@ -13,11 +13,16 @@
 //!   `200` with the operation when nothing had to change or when
 //!   `?wait=SECONDS` saw it finish, and `504` with the still-running
 //!   operation when the wait ran out.
+//! - The server is bounded (connections, request deadline, waiters,
+//!   connection lifetime; see `openapi.yaml`): a connection beyond the
+//!   limit is answered `503` (`unavailable`), a late body `408`
+//!   (`request_timeout`), a `?wait` beyond the waiter limit `202`.
+//! - The default socket is never directly in `/tmp` ([`socket`]).
 //! - Test hooks (`/api/v1/test/...`, [`routes::Route::test_only`]) are
 //!   served only by a VMM started with `--test-hooks`; otherwise they answer
 //!   `404` like an unknown path.
 //!
-//! No unsafe code.
+//! No unsafe code, except one `geteuid` call in [`socket`].
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -28,6 +33,7 @@ pub mod fault;
 pub mod guest;
 pub mod operation;
 pub mod routes;
+pub mod socket;
 pub mod vcpu;
 pub mod vm;
 

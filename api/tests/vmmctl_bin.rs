@@ -28,9 +28,33 @@ fn help_and_usage() {
     ] {
         assert!(help.contains(command), "{command} missing from\n{help}");
     }
-    let out = vmmctl(&["vcpus"]);
+    assert!(help.contains("VMM_SOCKET"), "{help}");
+    let out = vmmctl(&["vcpus", "many"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--socket"));
+}
+
+#[test]
+fn socket_from_the_environment() {
+    // No --socket: $VMM_SOCKET names it.
+    let out = Command::new(env!("CARGO_BIN_EXE_vmmctl"))
+        .arg("status")
+        .env("VMM_SOCKET", "/nonexistent/env.sock")
+        .output()
+        .expect("run vmmctl");
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("vmmctl: cannot connect to /nonexistent/env.sock: "),
+        "{err}"
+    );
+    // --socket wins.
+    let out = Command::new(env!("CARGO_BIN_EXE_vmmctl"))
+        .args(["--socket", "/nonexistent/flag.sock", "status"])
+        .env("VMM_SOCKET", "/nonexistent/env.sock")
+        .output()
+        .expect("run vmmctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/flag.sock"), "{err}");
 }
 
 #[test]

@@ -1,12 +1,13 @@
-//! Finding, downloading and unpacking Debian kernel packages with the
-//! system's apt and dpkg tools.
+//! Finding and downloading Debian kernel packages with the system's apt
+//! (the fast path where apt knows Debian's archive; [`crate::debian`] is
+//! the other).
 //!
 //! The stock kernel is named through its meta package
 //! (`linux-image-cloud-amd64`), whose candidate version depends on exactly
 //! one versioned image package (`linux-image-6.1.0-56-cloud-amd64`, or on
 //! some releases the `-unsigned` build). Old versions leave the mirror, so
-//! the versioned name is never hard-coded. `apt-get download` and
-//! `dpkg-deb -x` need no root once apt's package lists exist.
+//! the versioned name is never hard-coded. `apt-get download` needs no
+//! root once apt's package lists exist.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -266,15 +267,6 @@ pub fn download(pkg: &KernelPackage, dir: &Path) -> Result<PathBuf, AptError> {
         }
     }
     Err(AptError::NoDeb(pkg.apt_spec()))
-}
-
-/// Unpacks the file system contents of `deb` into `dir`.
-pub fn extract(deb: &Path, dir: &Path) -> Result<(), AptError> {
-    run(
-        "dpkg-deb",
-        Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir),
-    )
-    .map(drop)
 }
 
 #[cfg(test)]

@@ -7,9 +7,10 @@
 //! start of the protected-mode code at `(setup_sects + 1) * 512`.
 //!
 //! The payload's compression is found by its magic bytes. Debian's 6.1
-//! kernels use LZ4 (`CONFIG_KERNEL_LZ4`, the "legacy" LZ4 frame the kernel
-//! build writes with `lz4 -l`, followed by the 4-byte uncompressed size);
-//! gzip and zstd are also decoded. The decompressed payload is the kernel
+//! cloud kernel uses LZ4 (`CONFIG_KERNEL_LZ4`, the "legacy" LZ4 frame the
+//! kernel build writes with `lz4 -l`, followed by the 4-byte uncompressed
+//! size), its generic kernel xz (`CONFIG_KERNEL_XZ`: one xz stream with
+//! the x86 BCJ filter, then the size); gzip and zstd are also decoded. The decompressed payload is the kernel
 //! ELF followed by relocation data, which is cut off.
 
 use std::io::Read;
@@ -217,6 +218,12 @@ pub fn decompress(compression: Compression, payload: &[u8]) -> Result<Vec<u8>, B
         Compression::Lz4 => out = decompress_lz4_legacy(payload)?,
         Compression::Gzip => {
             flate2::read::GzDecoder::new(payload)
+                .read_to_end(&mut out)
+                .map_err(|e| corrupt(&e))?;
+        }
+        Compression::Xz => {
+            // One stream: the size trailer after it is not xz padding.
+            lzma_rust2::XzReader::new(payload, false)
                 .read_to_end(&mut out)
                 .map_err(|e| corrupt(&e))?;
         }
@@ -451,11 +458,36 @@ mod tests {
 
     #[test]
     fn unsupported_compression_is_named() {
-        let err = decompress(Compression::Xz, b"\xfd7zXZ\0").unwrap_err();
+        let err = decompress(Compression::Bzip2, b"BZh9").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "kernel payload compression xz is not supported"
+            "kernel payload compression bzip2 is not supported"
         );
+    }
+
+    #[test]
+    fn extracts_xz_bcj_payload_with_size_trailer() {
+        // As the kernel build writes it: xz --check=crc32 --x86 --lzma2,
+        // then the 4-byte uncompressed size.
+        use lzma_rust2::filter::FilterType;
+        use lzma_rust2::{CheckType, XzOptions, XzWriter};
+        let elf = kernel_elf();
+        let mut options = XzOptions::with_preset(1);
+        options.set_check_sum_type(CheckType::Crc32);
+        options.prepend_pre_filter(FilterType::BcjX86, 0);
+        let mut w = XzWriter::new(Vec::new(), options).unwrap();
+        std::io::Write::write_all(&mut w, &elf).unwrap();
+        let mut payload = w.finish().unwrap();
+        assert_eq!(Compression::detect(&payload), Compression::Xz);
+        payload.extend_from_slice(&u32::try_from(elf.len()).unwrap().to_le_bytes());
+        let v = extract_vmlinux(&bzimage(4, 0x40, &payload)).unwrap();
+        assert_eq!(v.compression, Compression::Xz);
+        assert_eq!(v.elf, elf);
+        let cut = &payload[..payload.len() / 2];
+        assert!(matches!(
+            decompress(Compression::Xz, cut),
+            Err(BzImageError::Corrupt(Compression::Xz, _))
+        ));
     }
 
     #[test]

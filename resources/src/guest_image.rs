@@ -1,4 +1,5 @@
-//! The guest image: the stock kernel plus an initramfs whose `/init` is the
+//! The guest image: the stock kernel (cloud flavour, or the one
+//! `GUEST_KERNEL_FLAVOUR` names) plus an initramfs whose `/init` is the
 //! statically linked guest agent.
 //!
 //! The initramfs is rebuilt only when the agent binary, the layout or the
@@ -11,7 +12,7 @@ use thiserror::Error;
 
 use crate::cache::{self, Lock, Stamp};
 use crate::cpio::{Archive, Compression};
-use crate::kernel::{self, Kernel, KernelError};
+use crate::kernel::{self, Flavour, Kernel, KernelError};
 use crate::static_build::{self, BuildError};
 
 /// The workspace package holding the guest agent.
@@ -98,6 +99,24 @@ pub struct GuestImage {
     pub agent: PathBuf,
 }
 
+/// Prints, once per process, which kernel the guest boots (straight to
+/// stderr, past a test runner's capture: every end-to-end log shows it).
+fn announce_guest_kernel(kernel: &Kernel) {
+    use std::io::Write;
+    use std::sync::Mutex;
+    static LAST: Mutex<Option<String>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if last.as_deref() == Some(kernel.version.as_str()) {
+        return;
+    }
+    *last = Some(kernel.version.clone());
+    let line = format!(
+        "GUEST-KERNEL: {} ({} flavour, {})\n",
+        kernel.version, kernel.flavour, kernel.package
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
 /// The initramfs layout: the agent as `/init`, the mount points it uses,
 /// and `/dev/console` so the kernel can open a console for `/init` before
 /// devtmpfs is mounted.
@@ -121,12 +140,23 @@ fn initramfs_name(compression: Compression) -> &'static str {
 }
 
 /// Builds (or reuses) the guest image in `cache_root/guest`, with the
-/// initramfs compressed as asked.
+/// initramfs compressed as asked and the kernel flavour of
+/// `GUEST_KERNEL_FLAVOUR` (cloud by default).
 pub fn ensure_guest_image_in(
     cache_root: &Path,
     compression: Compression,
 ) -> Result<GuestImage, GuestImageError> {
-    let kernel = kernel::ensure_kernel_in(cache_root)?;
+    ensure_guest_image_for(cache_root, compression, Flavour::guest_from_env()?)
+}
+
+/// [`ensure_guest_image_in`] with the kernel of `flavour`.
+pub fn ensure_guest_image_for(
+    cache_root: &Path,
+    compression: Compression,
+    flavour: Flavour,
+) -> Result<GuestImage, GuestImageError> {
+    let kernel = kernel::ensure_flavour_in(cache_root, flavour)?;
+    announce_guest_kernel(&kernel);
     let agent = static_build::build_static(AGENT_PACKAGE, AGENT_BIN)?;
     let dir = cache_root.join("guest");
     let _lock = Lock::acquire(&dir.join(".lock")).map_err(io_ctx("locking the guest cache"))?;

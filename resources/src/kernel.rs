@@ -1,38 +1,168 @@
-//! The stock Debian cloud kernel: fetched once, unpacked, its vmlinux
-//! extracted, and reused from the cache while the package is current.
+//! The stock Debian kernels (the `cloud` flavour by default, or the
+//! `generic` one): fetched once, unpacked, their vmlinux extracted, and
+//! reused from the cache while the package is current.
+//!
+//! The package is found with apt where apt knows Debian's archive, else
+//! fetched directly from it with its signed index checked ([`crate::fetch`]).
 //!
 //! Cache layout, one directory per kernel release:
 //! ```text
 //! <cache>/kernel/.lock                       serialises updates
-//! <cache>/kernel/resolved                    last meta package resolution
+//! <cache>/kernel/resolved-<meta>             last apt resolution of a meta package
+//! <cache>/kernel/index/                      kernel stanzas of verified Packages indices
 //! <cache>/kernel/downloads/<pkg>=<ver>.deb   the package as downloaded
-//! <cache>/kernel/<release>/root/             dpkg-deb -x of the package
+//! <cache>/kernel/<release>/root/             the package's files (dpkg-deb -x)
 //! <cache>/kernel/<release>/vmlinux           ELF extracted from the bzImage
 //! <cache>/kernel/<release>/stamp             what the above were made from
 //! ```
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::apt::{self, AptError, KernelPackage};
+use crate::apt::{AptError, KernelPackage};
 use crate::bzimage::{self, BzImageError};
 use crate::cache::{self, Lock, ScratchDir, Stamp};
+use crate::deb::{self, DebError};
+use crate::debian::FetchError;
+use crate::fetch::{self, Mode};
 
-/// The meta package that names the current stock kernel.
-pub const META_PACKAGE: &str = "linux-image-cloud-amd64";
+/// The meta package of the default (cloud) flavour.
+pub const META_PACKAGE: &str = Flavour::Cloud.meta_package();
 /// Modules an emulated KVM host loads, in order.
 pub const KVM_MODULES: [&str; 3] = ["irqbypass", "kvm", "kvm-amd"];
 /// Bump when the cache layout or stamp meaning changes.
 const STAMP_FORMAT: &str = "1";
 
+/// Which of Debian's x86-64 kernel configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Flavour {
+    /// `linux-image-cloud-amd64`: for virtual machines, most drivers left
+    /// out (the default, and the emulated host's kernel).
+    #[default]
+    Cloud,
+    /// `linux-image-amd64`: the generic configuration, most drivers as
+    /// modules.
+    Generic,
+}
+
+impl Flavour {
+    /// Environment variable choosing the guest's kernel flavour.
+    pub const GUEST_ENV: &'static str = "GUEST_KERNEL_FLAVOUR";
+
+    /// The meta package that names the current kernel of this flavour.
+    pub const fn meta_package(self) -> &'static str {
+        match self {
+            Flavour::Cloud => "linux-image-cloud-amd64",
+            Flavour::Generic => "linux-image-amd64",
+        }
+    }
+
+    /// `cloud` or `generic`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Flavour::Cloud => "cloud",
+            Flavour::Generic => "generic",
+        }
+    }
+
+    /// True if kernel release `release` (`uname -r`) is of this flavour:
+    /// `6.1.0-57-cloud-amd64` is cloud, `6.1.0-57-amd64` generic.
+    pub fn matches_release(self, release: &str) -> bool {
+        match self {
+            Flavour::Cloud => release.ends_with("-cloud-amd64"),
+            Flavour::Generic => {
+                release.ends_with("-amd64")
+                    && release.split('-').nth(2).is_some_and(|s| s == "amd64")
+            }
+        }
+    }
+
+    /// The guest's flavour: `$GUEST_KERNEL_FLAVOUR` (`cloud` or `generic`),
+    /// cloud when unset or empty.
+    pub fn guest_from_env() -> Result<Flavour, KernelError> {
+        match std::env::var(Self::GUEST_ENV) {
+            Err(_) => Ok(Flavour::Cloud),
+            Ok(v) if v.is_empty() => Ok(Flavour::Cloud),
+            Ok(v) => v.parse().map_err(|()| KernelError::BadSetting {
+                variable: Self::GUEST_ENV,
+                value: v,
+                allowed: "cloud, generic",
+            }),
+        }
+    }
+}
+
+impl std::str::FromStr for Flavour {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "cloud" => Ok(Flavour::Cloud),
+            "generic" => Ok(Flavour::Generic),
+            _ => Err(()),
+        }
+    }
+}
+
+impl std::fmt::Display for Flavour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `error: cause: cause`, a whole source chain on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn describe(apt: Option<&AptError>, direct: Option<&FetchError>) -> String {
+    let mut parts = Vec::new();
+    if let Some(e) = apt {
+        parts.push(format!("apt: {}", chain(e)));
+    }
+    if let Some(e) = direct {
+        parts.push(format!("direct fetch: {}", chain(e)));
+    }
+    parts.join("; ")
+}
+
 /// Why the kernel could not be provided.
 #[derive(Debug, Error)]
 pub enum KernelError {
-    /// apt could not resolve or fetch the package, and nothing is cached.
-    #[error("cannot get the kernel package")]
-    Apt(#[from] AptError),
+    /// Neither apt nor the direct fetch could provide the package (as far
+    /// as they were tried), and no kernel of the flavour is cached.
+    #[error("cannot get the kernel package {meta}: {}", describe(.apt.as_deref(), .direct.as_deref()))]
+    Unavailable {
+        /// The meta package.
+        meta: String,
+        /// Why apt could not, if it was tried.
+        apt: Option<Box<AptError>>,
+        /// Why the direct fetch could not, if it was tried.
+        direct: Option<Box<FetchError>>,
+    },
+    /// The package could not be unpacked.
+    #[error("cannot unpack the kernel package")]
+    Unpack(#[from] DebError),
+    /// An environment variable has a value this crate does not know.
+    #[error("{variable}={value:?}: expected one of {allowed}")]
+    BadSetting {
+        /// The variable.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+        /// What it may be.
+        allowed: &'static str,
+    },
     /// The vmlinux could not be extracted from the bzImage.
     #[error("cannot extract vmlinux from {path}")]
     Extract {
@@ -64,6 +194,21 @@ pub enum KernelError {
     },
 }
 
+impl KernelError {
+    /// True if the kernel is unavailable because of this machine's
+    /// situation (apt unusable or without Debian's archive, and the
+    /// direct fetch without network, gpgv or keyring, or not tried),
+    /// rather than a wrong download or a bug.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            KernelError::Unavailable { direct, .. } => {
+                direct.as_deref().is_none_or(FetchError::is_environmental)
+            }
+            _ => false,
+        }
+    }
+}
+
 fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> KernelError {
     let context = context.into();
     move |source| KernelError::Io { context, source }
@@ -84,6 +229,8 @@ pub struct Kernel {
     pub package: String,
     /// PVH entry point (`XEN_ELFNOTE_PHYS32_ENTRY`) of the vmlinux, if any.
     pub pvh_entry: Option<u64>,
+    /// The configuration it was built with.
+    pub flavour: Flavour,
 }
 
 impl Kernel {
@@ -201,6 +348,11 @@ fn from_stamp(dir: &Path, want: Option<&KernelPackage>) -> Option<Kernel> {
         "none" => None,
         hex => Some(u64::from_str_radix(hex.trim_start_matches("0x"), 16).ok()?),
     };
+    // Stamps written before flavours existed are all cloud kernels.
+    let flavour = match stamp.get("flavour") {
+        Some(name) => name.parse().ok()?,
+        None => Flavour::Cloud,
+    };
     Some(Kernel {
         version: release.to_owned(),
         bzimage,
@@ -208,11 +360,13 @@ fn from_stamp(dir: &Path, want: Option<&KernelPackage>) -> Option<Kernel> {
         modules,
         package: stamp.get("package")?.to_owned(),
         pvh_entry,
+        flavour,
     })
 }
 
-/// The most recently stamped valid kernel in the cache, for offline use.
-fn newest_cached(kernel_dir: &Path) -> Option<Kernel> {
+/// The most recently stamped valid kernel of `flavour` in the cache, for
+/// offline use.
+fn newest_cached(kernel_dir: &Path, flavour: Flavour) -> Option<Kernel> {
     let mut found: Vec<(std::time::SystemTime, Kernel)> = fs::read_dir(kernel_dir)
         .ok()?
         .flatten()
@@ -220,35 +374,80 @@ fn newest_cached(kernel_dir: &Path) -> Option<Kernel> {
             let mtime = e.path().join("stamp").metadata().ok()?.modified().ok()?;
             Some((mtime, from_stamp(&e.path(), None)?))
         })
+        .filter(|(_, k)| k.flavour == flavour && flavour.matches_release(&k.version))
         .collect();
     found.sort_by_key(|(t, _)| *t);
     found.pop().map(|(_, k)| k)
 }
 
-/// Returns the current stock kernel, downloading and unpacking it into
-/// `cache_root/kernel` if it is not there yet. When apt cannot be used but
-/// a kernel was cached before, that kernel is used (with a warning).
+/// Prints one line per kernel and process saying which kernel is used
+/// and how it was got, straight to stderr (past a test runner's capture,
+/// so every end-to-end log shows it).
+fn announce(kernel: &Kernel, how: &str, started: Instant) {
+    use std::collections::HashSet;
+    use std::io::Write;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen
+        .get_or_insert_with(HashSet::new)
+        .insert(kernel.version.clone())
+    {
+        return;
+    }
+    let line = format!(
+        "KERNEL: {} ({} flavour, {}) via {how} in {:.2} s\n",
+        kernel.version,
+        kernel.flavour,
+        kernel.package,
+        started.elapsed().as_secs_f64()
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// Returns the current stock kernel of the default (cloud) flavour; see
+/// [`ensure_flavour_in`].
 pub fn ensure_kernel_in(cache_root: &Path) -> Result<Kernel, KernelError> {
+    ensure_flavour_in(cache_root, Flavour::Cloud)
+}
+
+/// Returns the current stock kernel of `flavour`, fetching and unpacking
+/// it into `cache_root/kernel` if it is not there yet (with apt, or
+/// directly from Debian's archive: [`crate::fetch`]). When neither can
+/// reach the package but a kernel of the flavour was cached before, that
+/// kernel is used (with a warning).
+pub fn ensure_flavour_in(cache_root: &Path, flavour: Flavour) -> Result<Kernel, KernelError> {
+    let started = Instant::now();
+    let mode = Mode::from_env()?;
+    let meta = flavour.meta_package();
     let kernel_dir = cache_root.join("kernel");
     let _lock =
         Lock::acquire(&kernel_dir.join(".lock")).map_err(io_ctx("locking the kernel cache"))?;
-    let pkg = match resolve_memoized(&kernel_dir) {
-        Ok(pkg) => pkg,
+    let plan = match fetch::resolve(&kernel_dir, meta, mode) {
+        Ok(plan) => plan,
         Err(e) => {
-            if let Some(kernel) = newest_cached(&kernel_dir) {
+            if let Some(kernel) = newest_cached(&kernel_dir, flavour) {
                 log::warn!("{e}; using cached kernel {}", kernel.package);
+                announce(&kernel, "the cache (offline)", started);
                 return Ok(kernel);
             }
-            return Err(e.into());
+            return Err(e);
         }
     };
-    let dir = kernel_dir.join(&pkg.release);
-    if let Some(kernel) = from_stamp(&dir, Some(&pkg)) {
+    let dir = kernel_dir.join(&plan.package().release);
+    if let Some(kernel) = from_stamp(&dir, Some(plan.package())) {
+        announce(&kernel, &format!("{} (cached)", plan.via()), started);
         return Ok(kernel);
     }
-    log::info!("preparing kernel {}", pkg.apt_spec());
-    let deb = fetch_deb(&kernel_dir, &pkg)?;
-    unpack(&deb, &dir)?;
+    log::info!(
+        "preparing kernel {} via {}",
+        plan.package().apt_spec(),
+        plan.via()
+    );
+    let (deb, plan) = fetch::fetch_deb(&kernel_dir, meta, plan, mode)?;
+    let pkg = plan.package().clone();
+    let dir = kernel_dir.join(&pkg.release);
+    let unpacker = unpack(&deb, &dir)?;
     let (bzimage, vmlinux, modules) = paths_for(&dir, &pkg.release);
     let missing = |what: &str| KernelError::Missing {
         package: pkg.apt_spec(),
@@ -274,6 +473,7 @@ pub fn ensure_kernel_in(cache_root: &Path) -> Result<Kernel, KernelError> {
         modules,
         package: pkg.apt_spec(),
         pvh_entry: extracted.pvh_entry,
+        flavour,
     };
     check_modules(&kernel)?;
     let fp = |p: &Path| cache::fingerprint(p).map_err(io_ctx(format!("stat {}", p.display())));
@@ -281,6 +481,9 @@ pub fn ensure_kernel_in(cache_root: &Path) -> Result<Kernel, KernelError> {
         .with("format", STAMP_FORMAT)
         .with("package", pkg.apt_spec())
         .with("release", pkg.release.as_str())
+        .with("flavour", flavour.name())
+        .with("via", plan.via())
+        .with("unpacker", unpacker.to_string())
         .with("bzimage", fp(&kernel.bzimage)?)
         .with("vmlinux", fp(&kernel.vmlinux)?)
         .with("compression", extracted.compression.to_string())
@@ -293,75 +496,29 @@ pub fn ensure_kernel_in(cache_root: &Path) -> Result<Kernel, KernelError> {
         .write(&dir.join("stamp"))
         .map_err(io_ctx("writing the kernel stamp"))?;
     log::info!(
-        "kernel {} ready ({} payload, PVH entry {:?})",
+        "kernel {} ready ({} payload, PVH entry {:?}, unpacked with {unpacker})",
         kernel.version,
         extracted.compression,
         kernel.pvh_entry
     );
+    announce(&kernel, &plan.via(), started);
     Ok(kernel)
 }
 
-/// Resolves the meta package, reusing the last answer while apt's package
-/// lists are unchanged (apt-cache parses all lists on every call, which
-/// takes most of a second here).
-fn resolve_memoized(kernel_dir: &Path) -> Result<KernelPackage, AptError> {
-    let path = kernel_dir.join("resolved");
-    let lists = apt::lists_fingerprint();
-    if let (Some(lists), Some(stamp)) = (&lists, Stamp::read(&path)) {
-        if stamp.get("lists") == Some(lists) && stamp.get("meta") == Some(META_PACKAGE) {
-            if let (Some(name), Some(release)) = (stamp.get("name"), stamp.get("release")) {
-                return Ok(KernelPackage {
-                    name: name.to_owned(),
-                    version: stamp.get("version").map(str::to_owned),
-                    release: release.to_owned(),
-                });
-            }
-        }
-    }
-    let pkg = apt::resolve(META_PACKAGE)?;
-    if let Some(lists) = lists {
-        let mut stamp = Stamp::new()
-            .with("lists", lists)
-            .with("meta", META_PACKAGE)
-            .with("name", pkg.name.as_str())
-            .with("release", pkg.release.as_str());
-        if let Some(version) = &pkg.version {
-            stamp = stamp.with("version", version.as_str());
-        }
-        // Only an optimisation: a failed write costs a slower next run.
-        let _ = stamp.write(&path);
-    }
-    Ok(pkg)
-}
-
-/// Returns the cached .deb of `pkg`, downloading it if needed.
-fn fetch_deb(kernel_dir: &Path, pkg: &KernelPackage) -> Result<PathBuf, KernelError> {
-    let downloads = kernel_dir.join("downloads");
-    let deb = downloads.join(format!("{}.deb", pkg.apt_spec()));
-    if deb.is_file() {
-        return Ok(deb);
-    }
-    fs::create_dir_all(&downloads).map_err(io_ctx("creating the download directory"))?;
-    let scratch =
-        ScratchDir::new(&downloads, "download").map_err(io_ctx("creating a scratch directory"))?;
-    let fetched = apt::download(pkg, scratch.path())?;
-    fs::rename(&fetched, &deb).map_err(io_ctx(format!("moving {}", fetched.display())))?;
-    Ok(deb)
-}
-
 /// Unpacks `deb` as `dir/root`, replacing any previous, possibly partial, tree.
-fn unpack(deb: &Path, dir: &Path) -> Result<(), KernelError> {
+fn unpack(deb: &Path, dir: &Path) -> Result<deb::Unpacker, KernelError> {
     fs::create_dir_all(dir).map_err(io_ctx(format!("creating {}", dir.display())))?;
     // Invalidate first: a crash from here on leaves no valid stamp.
     let _ = fs::remove_file(dir.join("stamp"));
     let scratch = ScratchDir::new(dir, "root").map_err(io_ctx("creating a scratch directory"))?;
-    apt::extract(deb, scratch.path())?;
+    let unpacker = deb::unpack(deb, scratch.path())?;
     let root = dir.join("root");
     if root.exists() {
         fs::remove_dir_all(&root).map_err(io_ctx(format!("removing {}", root.display())))?;
     }
     fs::rename(scratch.path(), &root)
-        .map_err(io_ctx(format!("moving the tree to {}", root.display())))
+        .map_err(io_ctx(format!("moving the tree to {}", root.display())))?;
+    Ok(unpacker)
 }
 
 #[cfg(test)]
@@ -398,7 +555,65 @@ mod tests {
             modules,
             package: "linux-image-test=1".into(),
             pvh_entry: None,
+            flavour: Flavour::Cloud,
         }
+    }
+
+    #[test]
+    fn flavours() {
+        assert_eq!(Flavour::default(), Flavour::Cloud);
+        assert_eq!(META_PACKAGE, "linux-image-cloud-amd64");
+        assert_eq!(Flavour::Generic.meta_package(), "linux-image-amd64");
+        assert_eq!("generic".parse(), Ok(Flavour::Generic));
+        assert_eq!("cloud".parse(), Ok(Flavour::Cloud));
+        assert_eq!("rt".parse::<Flavour>(), Err(()));
+        assert_eq!(Flavour::Generic.to_string(), "generic");
+        assert!(Flavour::Cloud.matches_release("6.1.0-57-cloud-amd64"));
+        assert!(!Flavour::Cloud.matches_release("6.1.0-57-amd64"));
+        assert!(Flavour::Generic.matches_release("6.1.0-57-amd64"));
+        assert!(!Flavour::Generic.matches_release("6.1.0-57-cloud-amd64"));
+        assert!(!Flavour::Generic.matches_release("6.1.0-57-rt-amd64"));
+        if std::env::var_os(Flavour::GUEST_ENV).is_none() {
+            assert_eq!(Flavour::guest_from_env().unwrap(), Flavour::Cloud);
+        }
+    }
+
+    /// Writes a valid stamped release directory for `rel` of `flavour`.
+    fn stamped(kernel_dir: &Path, rel: &str, flavour: Option<Flavour>) {
+        let dir = kernel_dir.join(rel);
+        let (bz, vm, modules) = paths_for(&dir, rel);
+        fs::create_dir_all(bz.parent().unwrap()).unwrap();
+        fs::create_dir_all(&modules).unwrap();
+        fs::write(&bz, b"bz").unwrap();
+        fs::write(&vm, b"elf").unwrap();
+        let mut stamp = Stamp::new()
+            .with("format", STAMP_FORMAT)
+            .with("package", format!("linux-image-{rel}=1"))
+            .with("release", rel)
+            .with("bzimage", cache::fingerprint(&bz).unwrap())
+            .with("vmlinux", cache::fingerprint(&vm).unwrap())
+            .with("pvh_entry", "none");
+        if let Some(f) = flavour {
+            stamp = stamp.with("flavour", f.name());
+        }
+        stamp.write(&dir.join("stamp")).unwrap();
+    }
+
+    #[test]
+    fn the_offline_fallback_keeps_to_the_flavour() {
+        let dir = test_dir("offline");
+        assert!(newest_cached(dir.path(), Flavour::Cloud).is_none());
+        // A stamp from before flavours: a cloud kernel.
+        stamped(dir.path(), "6.1.0-1-cloud-amd64", None);
+        stamped(dir.path(), "6.1.0-2-amd64", Some(Flavour::Generic));
+        let cloud = newest_cached(dir.path(), Flavour::Cloud).unwrap();
+        assert_eq!(
+            (cloud.version.as_str(), cloud.flavour),
+            ("6.1.0-1-cloud-amd64", Flavour::Cloud)
+        );
+        let generic = newest_cached(dir.path(), Flavour::Generic).unwrap();
+        assert_eq!(generic.version, "6.1.0-2-amd64");
+        assert_eq!(generic.flavour, Flavour::Generic);
     }
 
     #[test]

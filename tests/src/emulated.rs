@@ -204,7 +204,7 @@ pub struct EmulatedHost {
 }
 
 /// How long past the job's own bound `testhost-init` has to report it.
-const JOB_REPORT_GRACE: Duration = Duration::from_secs(30);
+pub const JOB_REPORT_GRACE: Duration = Duration::from_secs(30);
 
 impl EmulatedHost {
     /// Boots the emulated host once and waits for `TESTHOST-READY`.
@@ -229,15 +229,13 @@ impl EmulatedHost {
         };
         let (kcon_listener, kcon_path) = bind("ttyS0.sock")?;
         let (link_listener, link_path) = bind("ttyS1.sock")?;
-        // Bind the user's socket before QEMU starts, so it exists on return.
+        // Bind the user's socket (0600) before QEMU starts, so it exists on
+        // return.
         let api_listener = match api_socket {
-            Some(p) => {
-                crate::mux::remove_stale_socket(p).ctx(|| format!("cannot use {}", p.display()))?;
-                Some((
-                    UnixListener::bind(p).ctx(|| format!("cannot bind {}", p.display()))?,
-                    p,
-                ))
-            }
+            Some(p) => Some((
+                crate::mux::bind_private(p).ctx(|| format!("cannot bind {}", p.display()))?,
+                p,
+            )),
             None => None,
         };
         // Until the forwarder owns it, a failed boot removes the socket file.

@@ -234,3 +234,67 @@ fn forwarder_refuses_to_replace_live_socket_or_file() {
     assert!(e2e::mux::remove_stale_socket(&file).is_err());
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn forwarder_socket_is_0600_and_channels_are_capped() {
+    use std::os::unix::fs::PermissionsExt;
+    let target = echo_server("cap");
+    let (a, b) = UnixStream::pair().unwrap();
+    let host = Mux::listener(Box::new(a.try_clone().unwrap()), Box::new(a)).unwrap();
+    let connector = Box::new(move |_id: u32| UnixStream::connect(&target));
+    let _guest = Mux::connector(Box::new(b.try_clone().unwrap()), Box::new(b), connector).unwrap();
+    let path = std::env::temp_dir().join(format!("e2e-mux-cap-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let fwd = Forwarder::bind_with_limit(&path, host.clone(), 3).unwrap();
+    let mode = std::fs::symlink_metadata(&path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(host.wait_hello(Duration::from_secs(5)));
+    assert_eq!(e2e::mux::MAX_CHANNELS, 64);
+
+    let echo = |c: &mut UnixStream, text: &[u8]| {
+        c.write_all(text).unwrap();
+        let mut back = vec![0u8; text.len()];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, text);
+    };
+    let mut held: Vec<UnixStream> = (0..3)
+        .map(|_| {
+            let mut c = connect(&fwd.path().to_path_buf());
+            echo(&mut c, b"ping");
+            c
+        })
+        .collect();
+    assert_eq!(fwd.active_channels(), 3);
+    // One more: the API's JSON 503, then closed.
+    for _ in 0..2 {
+        let mut c = connect(&path);
+        c.write_all(b"GET /api/v1/vm HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 503 "), "{reply}");
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let err: api::ErrorBody = serde_json::from_str(body).unwrap();
+        assert_eq!(err.error.code, api::ErrorCode::Unavailable);
+        assert!(err.error.message.contains("connection limit"), "{body}");
+    }
+    // One closes: its place is free again.
+    let gone = held.remove(0);
+    gone.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(gone);
+    for _ in 0..250 {
+        if fwd.active_channels() == 2 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fwd.active_channels(), 2);
+    let mut c = connect(&path);
+    echo(&mut c, b"again");
+    drop(fwd);
+    assert!(!path.exists());
+}

@@ -151,6 +151,7 @@ impl Write for AgentSink {
                 );
             }
         }
+        let mut events = Vec::with_capacity(got.lines.len());
         for line in got.lines {
             let event = match line {
                 Line::Complete(bytes) if is_blank(&bytes) => {
@@ -160,8 +161,10 @@ impl Write for AgentSink {
                 Line::Complete(bytes) => Some(bytes),
                 Line::Oversized => None,
             };
-            self.events.send(VmEvent::AgentLine(event));
+            events.push(VmEvent::AgentLine(event));
         }
+        // One lock on the queue for the whole write (a ring of lines).
+        self.events.send_all(events);
         Ok(buf.len())
     }
 

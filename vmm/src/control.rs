@@ -186,6 +186,20 @@ pub enum Mutation {
     },
 }
 
+impl Mutation {
+    /// The started operation and its progress (tests: panics if unchanged).
+    #[cfg(test)]
+    pub(crate) fn expect_started(self) -> (Operation, watch::Receiver<Operation>) {
+        match self {
+            Self::Started {
+                operation,
+                progress,
+            } => (operation, progress),
+            Self::Unchanged(op) => panic!("unchanged: {op:?}"),
+        }
+    }
+}
+
 /// The VMM's counters, rendered by the API server as Prometheus text
 /// together with its own request counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -578,13 +592,7 @@ mod tests {
     }
 
     fn started(m: Mutation) -> (Operation, watch::Receiver<Operation>) {
-        match m {
-            Mutation::Started {
-                operation,
-                progress,
-            } => (operation, progress),
-            Mutation::Unchanged(op) => panic!("unchanged: {op:?}"),
-        }
+        m.expect_started()
     }
 
     #[test]

@@ -102,6 +102,7 @@ impl Vmm {
             AgentSession::new(link, outlet),
         )
         .with_timeouts(cfg.timeouts)
+        .with_guest_ram(vm.mem.clone())
         .with_test_hooks(cfg.test_hooks);
         // Started now, with the other threads: lines of a workload, if the
         // guest runs one, go to stderr through it.

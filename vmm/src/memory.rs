@@ -76,6 +76,33 @@ pub struct GuestRam {
     _mappings: std::sync::Arc<Mappings>,
 }
 
+impl GuestRam {
+    /// Bytes of guest memory resident on the host now (`mincore` over each
+    /// mapping), so the VMM's own memory is the process's less this.
+    pub fn resident_bytes(&self) -> u64 {
+        self._mappings
+            .0
+            .iter()
+            .map(|&(addr, len)| resident_in(addr, len))
+            .sum()
+    }
+}
+
+/// Resident bytes of the mapping at `addr` (page aligned), `len` bytes.
+fn resident_in(addr: usize, len: usize) -> u64 {
+    const PAGE: usize = 4096;
+    let mut vec = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: (addr, len) is a live mapping owned by `Mappings` (the
+    // caller holds it), and `vec` has one byte per page of it, as mincore
+    // writes.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    let pages = vec.iter().filter(|&&b| b & 1 != 0).count();
+    (pages as u64).saturating_mul(PAGE as u64)
+}
+
 impl std::ops::Deref for GuestRam {
     type Target = GuestMemoryMmap;
     fn deref(&self) -> &GuestMemoryMmap {
@@ -237,6 +264,19 @@ fn set_memory_region(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn guest_resident_memory_counts_touched_pages() {
+        use vm_memory::Bytes;
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let before = mem.resident_bytes();
+        for page in 0..64u64 {
+            mem.write_obj(1u8, GuestAddress(0x10_0000 + page * 4096))
+                .unwrap();
+        }
+        assert!(mem.resident_bytes() >= before + 64 * 4096);
+    }
+
     use super::*;
 
     #[test]

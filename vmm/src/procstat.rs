@@ -9,8 +9,10 @@ pub struct ProcessStats {
     pub open_fds: u64,
     /// Threads.
     pub threads: u64,
-    /// Resident memory in bytes.
+    /// Resident memory in bytes (guest memory included).
     pub resident_bytes: u64,
+    /// Of that, guest memory.
+    pub guest_resident_bytes: u64,
 }
 
 impl ProcessStats {
@@ -37,6 +39,7 @@ impl ProcessStats {
             open_fds,
             threads: field("Threads:"),
             resident_bytes: field("VmRSS:").saturating_mul(1024),
+            guest_resident_bytes: 0,
         }
     }
 }
@@ -53,7 +56,8 @@ mod tests {
             ProcessStats {
                 open_fds: 12,
                 threads: 7,
-                resident_bytes: 5120 * 1024
+                resident_bytes: 5120 * 1024,
+                guest_resident_bytes: 0,
             }
         );
         let me = ProcessStats::read();

@@ -3,7 +3,7 @@
 //! 32-bit code, so they run on any /dev/kvm, PVM included): power off (0),
 //! reset (2), SIGTERM while running and during start-up (4), a VMM panic
 //! (6), and a console flood into a stdout nobody reads (the vCPU must not
-//! block on it).
+//! block on it). The kernels' builder is shared (`common::tiny_kernel`).
 
 use std::fs::File;
 use std::io::Read;
@@ -11,8 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::tiny_kernel::{kernel, out};
+
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
-const ENTRY: u32 = 0x10_0000;
 
 /// A scratch directory for one test.
 fn scratch(name: &str) -> PathBuf {
@@ -24,8 +27,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// 32-bit code: `out` of `byte` to COM1.
 fn com1(byte: u8) -> Vec<u8> {
-    // mov dx, 0x3f8; mov al, byte; out dx, al
-    vec![0x66, 0xba, 0xf8, 0x03, 0xb0, byte, 0xee]
+    out(vmm::layout::COM1_PORT, byte)
 }
 
 /// 32-bit code: ACPI S5 (SLP_TYP 5 | SLP_EN) to the sleep control port, then halt.
@@ -56,57 +58,6 @@ fn flood(n: u32) -> Vec<u8> {
     code.extend(com1(b'x'));
     code.extend([0x49, 0x75, 0xf6]); // dec ecx; jnz back 10 bytes
     code
-}
-
-/// An ELF64 vmlinux stand-in: one PT_LOAD of `code` at 1 MiB and a PVH
-/// entry note (XEN_ELFNOTE_PHYS32_ENTRY) pointing at it.
-fn pvh_elf(code: &[u8]) -> Vec<u8> {
-    const EHSIZE: u16 = 64;
-    const PHSIZE: u16 = 56;
-    const CODE_OFF: u64 = 0x1000;
-    let mut note = Vec::new();
-    for v in [4u32, 4, 18] {
-        note.extend(v.to_le_bytes());
-    }
-    note.extend(b"Xen\0");
-    note.extend(ENTRY.to_le_bytes());
-    let note_off = u64::from(EHSIZE + 2 * PHSIZE);
-
-    let mut f = Vec::new();
-    f.extend(b"\x7fELF");
-    f.extend([2, 1, 1, 0]);
-    f.extend([0; 8]);
-    f.extend(2u16.to_le_bytes()); // ET_EXEC
-    f.extend(0x3eu16.to_le_bytes()); // x86-64
-    f.extend(1u32.to_le_bytes());
-    f.extend(u64::from(ENTRY).to_le_bytes());
-    f.extend(u64::from(EHSIZE).to_le_bytes()); // phoff
-    f.extend(0u64.to_le_bytes()); // shoff
-    f.extend(0u32.to_le_bytes()); // flags
-    for v in [EHSIZE, PHSIZE, 2, 64, 0, 0] {
-        f.extend(v.to_le_bytes());
-    }
-    let len = code.len() as u64;
-    let phdr =
-        |f: &mut Vec<u8>, kind: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
-            f.extend(kind.to_le_bytes());
-            f.extend(flags.to_le_bytes());
-            for v in [off, addr, addr, size, size, align] {
-                f.extend(v.to_le_bytes());
-            }
-        };
-    phdr(&mut f, 1, 5, CODE_OFF, u64::from(ENTRY), len, 0x1000); // PT_LOAD r-x
-    phdr(&mut f, 4, 4, note_off, 0, note.len() as u64, 4); // PT_NOTE
-    f.extend(&note);
-    f.resize(usize::try_from(CODE_OFF).unwrap(), 0);
-    f.extend(code);
-    f
-}
-
-fn kernel(dir: &Path, name: &str, code: &[u8]) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, pvh_elf(code)).unwrap();
-    path
 }
 
 /// Whether the VMM can create VMs here; says why not.

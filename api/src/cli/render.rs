@@ -1,9 +1,11 @@
-//! Human-readable text for `vmmctl`'s answers.
+//! Human-readable text for `vmmctl`'s answers. Every string the server
+//! sends (much of it from the guest) goes through [`escape`] first.
 
 use std::error::Error as _;
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::escape::{self, field as esc};
 use crate::client::{ClientError, MutationOutcome};
 use crate::{
     FaultInjected, FaultTarget, GuestWorker, GuestWorkers, Operation, OperationKind,
@@ -12,7 +14,7 @@ use crate::{
 
 fn agent(connected: Option<bool>, version: Option<&str>) -> String {
     match (connected, version) {
-        (Some(true), Some(v)) => format!("connected (version {v})"),
+        (Some(true), Some(v)) => format!("connected (version {})", esc(v)),
         (Some(true), None) => "connected".to_owned(),
         (Some(false), _) => "not connected".to_owned(),
         (None, _) => "unknown".to_owned(),
@@ -40,7 +42,10 @@ fn worker_summary(workers: &[GuestWorker]) -> String {
     if counts.is_empty() {
         return "none".to_owned();
     }
-    let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    let parts: Vec<String> = counts
+        .iter()
+        .map(|(s, n)| format!("{n} {}", esc(s)))
+        .collect();
     parts.join(", ")
 }
 
@@ -127,7 +132,7 @@ pub(super) fn workers(w: &GuestWorkers) -> String {
     sorted.sort_by(|a, b| (a.cpu, &a.descriptor).cmp(&(b.cpu, &b.descriptor)));
     let width = sorted
         .iter()
-        .map(|w| w.descriptor.len())
+        .map(|w| esc(&w.descriptor).chars().count())
         .max()
         .unwrap_or(0)
         .max("DESCRIPTOR".len());
@@ -142,8 +147,8 @@ pub(super) fn workers(w: &GuestWorkers) -> String {
             text,
             "{:<5} {:<width$}  {:<8} {last:<5} {:<6} {:<5} {:<7} {}",
             w.cpu,
-            w.descriptor,
-            w.status,
+            esc(&w.descriptor),
+            esc(&w.status),
             w.setup_calls,
             w.park_calls,
             w.unpark_calls,
@@ -209,7 +214,7 @@ pub(super) fn operation(op: &Operation) -> String {
         (_, None) => {}
     }
     if let Some(reason) = &op.reason {
-        let _ = write!(text, ": {reason}");
+        let _ = write!(text, ": {}", esc(reason));
     }
     text.push('\n');
     text
@@ -238,6 +243,11 @@ pub(super) fn outcome(outcome: &MutationOutcome) -> String {
 
 /// One line for an error, with the server's code when there is one.
 pub(super) fn error(error: &ClientError) -> String {
+    esc(&error_text(error)).into_owned()
+}
+
+/// [`error`] before escaping.
+fn error_text(error: &ClientError) -> String {
     let mut text = match error {
         ClientError::Api { status, error } => {
             return format!("{} [{}, HTTP {status}]", error.message, error.code)
@@ -259,6 +269,11 @@ pub(super) fn error(error: &ClientError) -> String {
         source = cause.source();
     }
     text
+}
+
+/// `metrics`: the Prometheus text, lines kept.
+pub(super) fn metrics(text: &str) -> String {
+    escape::lines(text).into_owned()
 }
 
 #[cfg(test)]

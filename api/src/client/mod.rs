@@ -4,6 +4,11 @@
 //!
 //! Each call opens one connection, sends one request and reads the whole
 //! answer; the API is small and local, so there is no pool.
+//!
+//! A mutation with a wait that the server answers `202` (it already had as
+//! many requests waiting as it allows) is waited for here instead, by
+//! polling the operation every [`POLL_INTERVAL`] until it finishes or the
+//! wait runs out: the caller sees the same outcomes either way.
 
 mod blocking;
 
@@ -26,6 +31,9 @@ pub use blocking::BlockingClient;
 
 /// How long a call may take beyond its `?wait`, by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often an operation is polled when the server did not take on a wait.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +282,7 @@ impl Client {
         wait: Option<Duration>,
         body: Option<Vec<u8>>,
     ) -> Result<MutationOutcome, ClientError> {
+        let started = tokio::time::Instant::now();
         let (path, limit) = match wait {
             Some(wait) => (
                 format!("{path}?wait={}", wait.as_secs_f64()),
@@ -284,7 +293,14 @@ impl Client {
         let body = body.map(|b| ("application/json", b));
         let response = self.request_within(method, &path, body, limit).await?;
         match response.status {
-            202 => Ok(MutationOutcome::Accepted(response.json()?)),
+            202 => {
+                let op: Operation = response.json()?;
+                match wait {
+                    // The server had too many requests waiting: wait here.
+                    Some(wait) => self.poll_until(op, started + wait).await,
+                    None => Ok(MutationOutcome::Accepted(op)),
+                }
+            }
             200 => {
                 let op: Operation = response.json()?;
                 if op.is_noop() {
@@ -298,6 +314,26 @@ impl Client {
                 Err(_) => Err(response.into_error()),
             },
             _ => Err(response.into_error()),
+        }
+    }
+
+    /// Poll `op` until it finishes (`Finished`) or `deadline` passes
+    /// (`WaitTimedOut`).
+    async fn poll_until(
+        &self,
+        mut op: Operation,
+        deadline: tokio::time::Instant,
+    ) -> Result<MutationOutcome, ClientError> {
+        loop {
+            if op.status.is_finished() {
+                return Ok(MutationOutcome::Finished(op));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(ClientError::WaitTimedOut(op));
+            }
+            tokio::time::sleep(POLL_INTERVAL.min(deadline - now)).await;
+            op = self.operation(op.id).await?;
         }
     }
 

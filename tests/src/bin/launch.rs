@@ -3,9 +3,16 @@
 //! socket on this machine.
 //!
 //! ```text
-//! cargo run --release -p e2e --bin launch -- --api-socket /tmp/vmm.sock \
+//! cargo run --release -p e2e --bin launch -- [--api-socket PATH] \
 //!     [--cpus boot=1,max=8] [--memory 256M] [--cmdline "loglevel=7"] [--host emulated]
 //! ```
+//!
+//! The API socket: `--api-socket`, else `$VMM_SOCKET`, else the default
+//! (`api::socket::default_path`: `$XDG_RUNTIME_DIR/vmm.sock`, else
+//! `/run/vmm/vmm.sock` for root, else `$TMPDIR/vmm-UID/vmm.sock`; its
+//! directory is made 0700 and must be private), the path `vmmctl` uses
+//! without `--socket`. The socket itself is 0600, whether the VMM serves
+//! it (direct) or the forward does (emulated).
 //!
 //! The console streams to stdout; the launcher's own lines go to stderr.
 //! Exits with the VMM's status; Ctrl-C (or SIGTERM) stops everything.
@@ -32,9 +39,11 @@ use e2e::{Echo, HostKind, VmSpec};
 #[derive(Debug, Parser)]
 #[command(name = "launch")]
 struct Args {
-    /// API socket path on this machine (forwarded into the emulated host).
+    /// API socket path on this machine (forwarded into the emulated host)
+    /// [default: $VMM_SOCKET, else $XDG_RUNTIME_DIR/vmm.sock, else
+    /// /run/vmm/vmm.sock as root or $TMPDIR/vmm-UID/vmm.sock]
     #[arg(long)]
-    api_socket: PathBuf,
+    api_socket: Option<PathBuf>,
     /// vCPUs: `boot=N,max=M` or `N`.
     #[arg(long, default_value = "boot=1,max=8")]
     cpus: String,
@@ -82,6 +91,18 @@ fn parse_mib(s: &str) -> Result<u32> {
     n.checked_mul(mul).context("--memory too large")
 }
 
+/// The socket: `flag`, else `env` ($VMM_SOCKET), else the default path,
+/// whose private directory is created if need be.
+fn api_socket(flag: Option<PathBuf>, env: Option<std::ffi::OsString>) -> Result<PathBuf> {
+    if let Some(path) = flag.or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from)) {
+        return Ok(path);
+    }
+    let path = api::socket::default_path();
+    api::socket::prepare_dir(&path)
+        .with_context(|| format!("cannot use the default API socket {}", path.display()))?;
+    Ok(path)
+}
+
 fn main() {
     match run() {
         Ok(code) => std::process::exit(code),
@@ -113,9 +134,13 @@ fn run() -> Result<i32> {
         0 => Duration::from_secs(7 * 24 * 3600),
         s => Duration::from_secs(s),
     };
+    let socket = api_socket(
+        args.api_socket.clone(),
+        std::env::var_os(api::socket::SOCKET_ENV),
+    )?;
     let mut spec = VmSpec::new(boot, max).cmdline(&args.cmdline);
     spec.memory_mib = parse_mib(&args.memory)?;
-    spec.api_socket = Some(args.api_socket.clone());
+    spec.api_socket = Some(socket.clone());
     spec.host = host;
     spec.timeout = timeout;
     spec.echo = Echo::Stdout;
@@ -147,6 +172,11 @@ fn run() -> Result<i32> {
     }
     eprintln!("launch: API socket: {sock}");
     eprintln!("launch: try: curl --unix-socket {sock} http://localhost/api/v1/vm");
+    if socket == api::socket::from_env() {
+        eprintln!("launch:  or: vmmctl status   (cargo run -p api --bin vmmctl -- status)");
+    } else {
+        eprintln!("launch:  or: VMM_SOCKET={sock} vmmctl status");
+    }
     eprintln!("launch: Ctrl-C stops the VM");
 
     loop {
@@ -165,6 +195,8 @@ fn run() -> Result<i32> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -175,5 +207,16 @@ mod tests {
         assert_eq!(parse_mib("256M").unwrap(), 256);
         assert_eq!(parse_mib("1G").unwrap(), 1024);
         assert_eq!(parse_mib("512").unwrap(), 512);
+    }
+
+    #[test]
+    fn socket_flag_then_env() {
+        let flag = Some(PathBuf::from("/x/flag.sock"));
+        let env = Some(std::ffi::OsString::from("/x/env.sock"));
+        assert_eq!(
+            api_socket(flag, env.clone()).unwrap(),
+            Path::new("/x/flag.sock")
+        );
+        assert_eq!(api_socket(None, env).unwrap(), Path::new("/x/env.sock"));
     }
 }

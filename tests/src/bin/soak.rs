@@ -48,12 +48,16 @@ struct Args {
     /// Fresh VMs after the emulated host died, at most.
     #[arg(long, default_value_t = 5)]
     host_retries: u32,
+    /// A step slower than this (ms) prints the console's last lines.
+    #[arg(long, default_value_t = 4000)]
+    slow_ms: u64,
     /// RSS growth allowed from start to end, MiB.
     #[arg(long, default_value_t = 1)]
     rss_slack_mib: u64,
 }
 
-/// The VMM's own figures, from its metrics.
+/// The VMM's own figures, from its metrics (`rss`: the process's resident
+/// memory less the guest's RAM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Resources {
     fds: u64,
@@ -73,7 +77,8 @@ fn resources(client: &BlockingClient) -> Result<Resources> {
     Ok(Resources {
         fds: metric(&text, "process_open_fds")?,
         threads: metric(&text, "process_threads")?,
-        rss: metric(&text, "process_resident_memory_bytes")?,
+        rss: metric(&text, "process_resident_memory_bytes")?
+            .saturating_sub(metric(&text, "vmm_guest_memory_resident_bytes")?),
     })
 }
 
@@ -158,6 +163,11 @@ fn soak_vm(
     let client = BlockingClient::new(vm.api_socket())?;
     let wait = Duration::from_secs(args.step_timeout);
     wait_guest_online(vm, &BTreeSet::from([0]), wait).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Warm-up: every vCPU fd exists once (they are kept for reuse), so the
+    // baseline counts them.
+    client.resize(args.max, Some(wait))?;
+    client.resize(1, Some(wait))?;
+    wait_guest_online(vm, &BTreeSet::from([0]), wait).map_err(|e| anyhow::anyhow!("{e}"))?;
     let start = resources(&client)?;
     if baseline.is_none() {
         *baseline = Some(start);
@@ -169,6 +179,19 @@ fn soak_vm(
         let t = Instant::now();
         let outcome = run_step(&client, s, wait);
         let ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if ms > args.slow_ms {
+            let reason = outcome
+                .as_ref()
+                .ok()
+                .and_then(|o| o.operation().reason.clone());
+            println!(
+                "SOAK slow step={step} {s:?} ms={ms} reason={reason:?}; the console's last lines:"
+            );
+            let lines = vm.console().lines();
+            for l in lines.iter().rev().take(25).rev() {
+                println!("SOAK |   {}", l.text.escape_debug());
+            }
+        }
         match &outcome {
             Ok(o) if o.operation().status == OperationStatus::Succeeded => lat.push(ms),
             Ok(o) => {

@@ -28,6 +28,10 @@ pub const WINDOW: usize = 16 * 1024;
 /// Opens the local end of a channel the peer opened (inside the emulated host).
 pub type Connector = Box<dyn Fn(u32) -> io::Result<UnixStream> + Send + Sync>;
 
+/// Kept alive by a channel's two pump threads and dropped when both have
+/// ended: whoever opens a channel can count its channels with it.
+pub type Guard = Arc<dyn std::any::Any + Send + Sync>;
+
 /// What a channel's inbound pump receives from the link reader.
 #[derive(Debug)]
 enum Inbound {
@@ -194,6 +198,17 @@ impl Mux {
     /// Forwards `stream` to the peer as a new channel (listening end only).
     /// Waits for the peer's Hello first, up to `hello_timeout`.
     pub fn open(&self, stream: UnixStream, hello_timeout: Duration) -> io::Result<u32> {
+        self.open_guarded(stream, hello_timeout, Arc::new(()))
+    }
+
+    /// [`Mux::open`], keeping `guard` alive until the channel's pump
+    /// threads have ended (dropped at once if it cannot be opened).
+    pub fn open_guarded(
+        &self,
+        stream: UnixStream,
+        hello_timeout: Duration,
+        guard: Guard,
+    ) -> io::Result<u32> {
         if !self.wait_hello(hello_timeout) {
             let _ = stream.shutdown(Shutdown::Both);
             let why = self.dead().unwrap_or_else(|| "no hello from peer".into());
@@ -217,7 +232,7 @@ impl Mux {
             self.shared.remove(id);
             return Err(e);
         }
-        self.shared.start_pumps(id, stream, rx, credit)?;
+        self.shared.start_pumps(id, stream, rx, credit, guard)?;
         Ok(id)
     }
 
@@ -383,7 +398,9 @@ impl Shared {
                     }
                     _ => false,
                 };
-                if !registered || s.start_pumps(id, stream, rx, credit).is_err() {
+                let started =
+                    registered && s.start_pumps(id, stream, rx, credit, Arc::new(())).is_ok();
+                if !started {
                     s.abort(id);
                 }
             });
@@ -398,16 +415,24 @@ impl Shared {
         stream: UnixStream,
         rx: Receiver<Inbound>,
         credit: Arc<Credit>,
+        guard: Guard,
     ) -> io::Result<()> {
         let out = stream.try_clone()?;
         let s = self.clone();
+        let held = guard.clone();
         thread::Builder::new()
             .name(format!("mux-in-{id}"))
-            .spawn(move || s.pump_in(id, out, rx))?;
+            .spawn(move || {
+                let _guard = held;
+                s.pump_in(id, out, rx);
+            })?;
         let s = self.clone();
         thread::Builder::new()
             .name(format!("mux-out-{id}"))
-            .spawn(move || s.pump_out(id, stream, credit))?;
+            .spawn(move || {
+                let _guard = guard;
+                s.pump_out(id, stream, credit);
+            })?;
         Ok(())
     }
 

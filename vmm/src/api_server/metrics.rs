@@ -11,14 +11,19 @@ use crate::control::{Action, VmmMetrics};
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Statuses counted one by one; any other is counted as `other`.
-const STATUSES: [u16; 12] = [200, 202, 400, 404, 405, 409, 413, 415, 422, 500, 503, 504];
+const STATUSES: [u16; 13] = [
+    200, 202, 400, 404, 405, 408, 409, 413, 415, 422, 500, 503, 504,
+];
 
-/// API requests answered, by HTTP status. Shared between the API thread
-/// (which counts) and whoever else wants to read them.
+/// API requests answered, by HTTP status, and the server's bounds at work.
+/// Shared between the API thread (which counts) and whoever else wants to
+/// read them.
 #[derive(Debug, Default)]
 pub struct ApiMetrics {
     by_status: [AtomicU64; STATUSES.len()],
     other: AtomicU64,
+    refused_connections: AtomicU64,
+    waits_over_limit: AtomicU64,
 }
 
 impl ApiMetrics {
@@ -34,6 +39,26 @@ impl ApiMetrics {
             None => &self.other,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count one connection refused at the connection limit.
+    pub fn count_refused_connection(&self) {
+        self.refused_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections refused at the connection limit.
+    pub fn refused_connections(&self) -> u64 {
+        self.refused_connections.load(Ordering::Relaxed)
+    }
+
+    /// Count one `?wait` not honoured at the waiter limit.
+    pub fn count_wait_over_limit(&self) {
+        self.waits_over_limit.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Mutations whose `?wait` was not honoured at the waiter limit.
+    pub fn waits_over_limit(&self) -> u64 {
+        self.waits_over_limit.load(Ordering::Relaxed)
     }
 
     /// Requests answered with `status` (statuses not counted one by one
@@ -133,8 +158,13 @@ impl ApiMetrics {
             ),
             (
                 "process_resident_memory_bytes",
-                "Resident memory of the VMM process in bytes.",
+                "Resident memory of the VMM process in bytes, guest memory included.",
                 vmm.process.resident_bytes,
+            ),
+            (
+                "vmm_guest_memory_resident_bytes",
+                "Of the process's resident memory, the guest's RAM.",
+                vmm.process.guest_resident_bytes,
             ),
         ];
         for (name, help, value) in gauges {
@@ -160,6 +190,24 @@ impl ApiMetrics {
             "{name}{{status=\"other\"}} {}",
             self.other.load(Ordering::Relaxed)
         );
+        let bounds = [
+            (
+                "vmm_api_connections_refused_total",
+                "Connections answered 503 and closed at the API's connection limit.",
+                self.refused_connections(),
+            ),
+            (
+                "vmm_api_waits_over_limit_total",
+                "Mutations whose ?wait was not honoured (answered 202 at once) at the API's waiter limit.",
+                self.waits_over_limit(),
+            ),
+        ];
+        for (name, help, value) in bounds {
+            let _ = write!(
+                text,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+            );
+        }
         text
     }
 }
@@ -192,6 +240,10 @@ mod tests {
     fn prometheus_text() {
         let metrics = ApiMetrics::new();
         metrics.count(202);
+        metrics.count(408);
+        metrics.count_refused_connection();
+        metrics.count_wait_over_limit();
+        metrics.count_wait_over_limit();
         let vmm = VmmMetrics {
             hot_adds: 3,
             hot_removes: 1,
@@ -208,6 +260,7 @@ mod tests {
                 open_fds: 20,
                 threads: 5,
                 resident_bytes: 4096,
+                guest_resident_bytes: 1024,
             },
         };
         let text = metrics.render(&vmm);
@@ -234,6 +287,9 @@ mod tests {
         assert!(text.contains("process_resident_memory_bytes 4096\n"));
         assert!(text.contains("vmm_api_requests_total{status=\"202\"} 1\n"));
         assert!(text.contains("vmm_api_requests_total{status=\"other\"} 0\n"));
+        assert!(text.contains("vmm_api_requests_total{status=\"408\"} 1\n"));
+        assert!(text.contains("vmm_api_connections_refused_total 1\n"));
+        assert!(text.contains("vmm_api_waits_over_limit_total 2\n"));
         // Every sample line is `name{labels} value` or `name value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();

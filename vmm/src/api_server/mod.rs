@@ -11,8 +11,23 @@
 //! back on the request's own channel. `?wait` awaits the operation's
 //! `watch` channel here, so the VMM thread is never blocked or polled.
 //!
+//! # Bounds
+//! Nothing a client does can hold the server: connections are capped
+//! (one more is answered `503` and closed), a request must arrive within
+//! a deadline (headers and body), `?wait` waiters are capped apart (one
+//! more is answered `202` at once), and a connection serves a bounded
+//! number of requests for a bounded time. [`ServerOptions`] has the
+//! numbers and the answers; `connection` the accept loop and the
+//! per-connection bounds. Errors hyper answers itself, before any request
+//! reaches the router, have no JSON body (hyper's `http1::Builder` offers
+//! no hook for them): `400` for a malformed request line or header, an
+//! invalid `Content-Length` or two that differ (identical ones are
+//! merged into one), `431` for headers over its buffer, `414` for an
+//! over-long URI; a request whose headers are late gets no answer.
+//!
 //! # Layout
-//! `router` matches paths and methods; `vm`, `vcpus`, `operations`,
+//! `connection` accepts and serves connections; `router` matches paths
+//! and methods; `vm`, `vcpus`, `operations`,
 //! `metrics`, `guest` and `test_hooks` parse their requests into actions
 //! (one small file per resource); `parse` has the shared query and body
 //! rules; `response` builds the answers.
@@ -25,6 +40,7 @@
 //! lets requests in flight finish for up to [`ServerOptions::grace`],
 //! joins the thread and removes the socket file.
 
+mod connection;
 mod guest;
 mod metrics;
 mod operations;
@@ -36,18 +52,13 @@ mod test_hooks;
 mod vcpus;
 mod vm;
 
-use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::net::UnixListener;
+use tokio::sync::{oneshot, Semaphore};
 
 pub use metrics::{ApiMetrics, PROMETHEUS_CONTENT_TYPE};
 pub use socket::SocketError;
@@ -74,15 +85,39 @@ pub enum ApiServerError {
     Panicked,
 }
 
-/// Tunables; [`ServerOptions::default`] is what [`start`] uses.
+/// Tunables; [`ServerOptions::default`] is what [`start`] uses. The
+/// bounds, and what a client beyond each one gets:
+///
+/// | bound | default | beyond it |
+/// |---|---|---|
+/// | [`max_connections`](Self::max_connections) | 64 | `503` `unavailable` (with `Retry-After: 1`), closed |
+/// | [`request_timeout`](Self::request_timeout) | 5 s | headers late: closed (hyper sends nothing); body late: `408` `request_timeout`, closed |
+/// | [`max_waiters`](Self::max_waiters) | 32 | `?wait` not honoured: `202` with the operation |
+/// | [`max_connection_age`](Self::max_connection_age) | 5 min | no further request on it; closed after its answer |
+/// | [`max_requests_per_connection`](Self::max_requests_per_connection) | 1000 | the last answer says `Connection: close` |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerOptions {
     /// How long to wait for the VMM thread's reply before answering 503.
     pub reply_timeout: Duration,
-    /// How long a client may take to send its request headers.
-    pub header_timeout: Duration,
-    /// Connections served at once; more wait to be accepted.
+    /// How long a client may take to send a request, headers and body,
+    /// counted from the connection's start or the previous answer (so it is
+    /// also how long a keep-alive connection may sit idle). Headers not in
+    /// by then: the connection is closed without an answer (hyper's header
+    /// timeout); a body not in by then: `408` and the connection is closed.
+    pub request_timeout: Duration,
+    /// Connections served at once. One more is answered `503` at once and
+    /// closed, never left waiting in the listen backlog.
     pub max_connections: usize,
+    /// Mutations waiting for their operation (`?wait`) at once. One more is
+    /// answered as without `wait`: `202` with the operation (the change is
+    /// made, not refused), which the client can poll.
+    pub max_waiters: usize,
+    /// How long one connection may be used for new requests; after that it
+    /// is closed once its request in flight (if any) is answered.
+    pub max_connection_age: Duration,
+    /// Requests served on one keep-alive connection; the last answer
+    /// carries `Connection: close`.
+    pub max_requests_per_connection: u32,
     /// How long shutdown lets requests in flight finish.
     pub grace: Duration,
     /// Serve the test-hook routes (the VMM's `--test-hooks`); off, they
@@ -94,8 +129,11 @@ impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             reply_timeout: Duration::from_secs(10),
-            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(5),
             max_connections: 64,
+            max_waiters: 32,
+            max_connection_age: Duration::from_secs(5 * 60),
+            max_requests_per_connection: 1000,
             grace: Duration::from_secs(1),
             test_hooks: false,
         }
@@ -108,6 +146,8 @@ struct ServerState {
     control: ControlSender,
     metrics: Arc<ApiMetrics>,
     options: ServerOptions,
+    /// One permit per `?wait` in progress ([`ServerOptions::max_waiters`]).
+    waiters: Arc<Semaphore>,
 }
 
 /// The running server. Dropping it shuts the server down too.
@@ -190,11 +230,12 @@ pub fn start_with(
         control,
         metrics,
         options,
+        waiters: Arc::new(Semaphore::new(options.max_waiters)),
     });
     let (stop, stopped) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("vmm_api".into())
-        .spawn(move || runtime.block_on(serve(listener, state, stopped)));
+        .spawn(move || runtime.block_on(connection::serve(listener, state, stopped)));
     let thread = match thread {
         Ok(thread) => thread,
         Err(e) => {
@@ -208,71 +249,4 @@ pub fn start_with(
         thread: Some(thread),
         socket,
     })
-}
-
-/// Accept until told to stop, then drain the connections (bounded).
-async fn serve(listener: UnixListener, state: Arc<ServerState>, mut stop: oneshot::Receiver<()>) {
-    let (closing, closing_rx) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    loop {
-        let room = connections.len() < state.options.max_connections;
-        tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept(), if room => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(connection(stream, Arc::clone(&state), closing_rx.clone()));
-                }
-                Err(e) => {
-                    // Out of descriptors, typically: back off instead of spinning.
-                    log::warn!("API socket accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-    drop(listener);
-    let _ = closing.send(true);
-    let drained = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(state.options.grace, drained)
-        .await
-        .is_err()
-    {
-        log::warn!("API shutdown: aborting {} connection(s)", connections.len());
-        connections.abort_all();
-    }
-}
-
-/// Serve one connection until it closes or the server shuts down.
-async fn connection(
-    stream: UnixStream,
-    state: Arc<ServerState>,
-    mut closing: watch::Receiver<bool>,
-) {
-    let header_timeout = state.options.header_timeout;
-    let service = service_fn(move |request| {
-        let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(router::handle(&state, request).await) }
-    });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let mut shutting_down = false;
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    log::debug!("API connection ended: {e}");
-                }
-                break;
-            }
-            _ = closing.wait_for(|c| *c), if !shutting_down => {
-                shutting_down = true;
-                conn.as_mut().graceful_shutdown();
-            }
-        }
-    }
 }

@@ -1,6 +1,6 @@
 //! What every request has in common before a resource looks at it: the
-//! query (only `wait`), the body (capped, JSON only) and the errors that
-//! parsing can give.
+//! query (only `wait`), the body (capped, JSON only, read by a deadline)
+//! and the errors that parsing can give.
 
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::Method;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 
 use crate::control::Action;
 
@@ -37,6 +38,9 @@ pub(super) enum RequestError {
     /// The body could not be read.
     #[error("the body could not be read")]
     ReadBody,
+    /// The body did not arrive by the request deadline.
+    #[error("the request was not received within {} s", .0.as_secs_f64())]
+    Timeout(Duration),
     /// The body is not the expected JSON.
     #[error("invalid body: {0}")]
     InvalidJson(serde_json::Error),
@@ -67,6 +71,7 @@ impl RequestError {
             Self::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
             Self::TooLarge => ErrorCode::PayloadTooLarge,
             Self::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            Self::Timeout(_) => ErrorCode::RequestTimeout,
             Self::ReadBody
             | Self::InvalidJson(_)
             | Self::MissingBody
@@ -193,21 +198,47 @@ const DRAIN_BYTES: u64 = 1 << 20;
 /// How long draining an over-cap body may take.
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
-/// Read the whole body, refusing more than [`MAX_BODY_BYTES`].
+/// Read the whole body by `deadline`, refusing more than
+/// [`MAX_BODY_BYTES`]; `timeout` is what the deadline allowed in all (for
+/// the message). A body over the cap is answered `413` whatever the
+/// deadline (what is drained of it is bounded apart).
 pub(super) async fn read_body(
     headers: &HeaderMap,
-    mut body: Incoming,
+    body: Incoming,
+    deadline: Instant,
+    timeout: Duration,
 ) -> Result<Bytes, RequestError> {
+    match tokio::time::timeout_at(deadline, read_capped(headers, body)).await {
+        Err(_elapsed) => Err(RequestError::Timeout(timeout)),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Capped::Whole(bytes))) => Ok(bytes),
+        Ok(Ok(Capped::Over(body, seen))) => {
+            if let Some(body) = body {
+                drain(body, seen).await;
+            }
+            Err(RequestError::TooLarge)
+        }
+    }
+}
+
+/// A body read up to the cap.
+enum Capped {
+    /// All of it.
+    Whole(Bytes),
+    /// Over the cap: the rest to drain (none if it is too big to bother),
+    /// and how much was seen.
+    Over(Option<Incoming>, u64),
+}
+
+/// Read the whole body, stopping at [`MAX_BODY_BYTES`].
+async fn read_capped(headers: &HeaderMap, mut body: Incoming) -> Result<Capped, RequestError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let cap = MAX_BODY_BYTES as u64;
     if let Some(declared) = declared.filter(|n| *n > cap) {
-        if declared <= DRAIN_BYTES {
-            drain(body, 0).await;
-        }
-        return Err(RequestError::TooLarge);
+        return Ok(Capped::Over((declared <= DRAIN_BYTES).then_some(body), 0));
     }
     let mut data = Vec::new();
     while let Some(frame) = body.frame().await {
@@ -215,12 +246,11 @@ pub(super) async fn read_body(
         if let Ok(chunk) = frame.into_data() {
             data.extend_from_slice(&chunk);
             if data.len() > MAX_BODY_BYTES {
-                drain(body, data.len() as u64).await;
-                return Err(RequestError::TooLarge);
+                return Ok(Capped::Over(Some(body), data.len() as u64));
             }
         }
     }
-    Ok(Bytes::from(data))
+    Ok(Capped::Whole(Bytes::from(data)))
 }
 
 /// Read and discard the rest of `body`, up to [`DRAIN_BYTES`] in all and
@@ -241,9 +271,15 @@ async fn drain(mut body: Incoming, mut seen: u64) {
 
 /// Read and discard a body the request is refused with anyway: wholly
 /// when within [`MAX_BODY_BYTES`], else up to [`DRAIN_BYTES`]; at most
-/// [`DRAIN_TIME`] in all.
-pub(super) async fn discard_body(headers: &HeaderMap, body: Incoming) {
-    let _ = tokio::time::timeout(DRAIN_TIME, read_body(headers, body)).await;
+/// [`DRAIN_TIME`] in all, and not past `deadline`.
+pub(super) async fn discard_body(headers: &HeaderMap, body: Incoming, deadline: Instant) {
+    let deadline = deadline.min(Instant::now() + DRAIN_TIME);
+    let discard = async {
+        if let Ok(Capped::Over(Some(body), seen)) = read_capped(headers, body).await {
+            drain(body, seen).await;
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, discard).await;
 }
 
 /// The `Content-Type` header as text (lossy when not visible ASCII).

@@ -1,16 +1,19 @@
 //! From an HTTP request to a response: match the path, check the method,
-//! let the resource's parser build the control action, ask the VMM, and
-//! turn its reply into HTTP. Every answer is counted by status.
+//! read the body by the request's deadline, let the resource's parser
+//! build the control action, ask the VMM, and turn its reply into HTTP.
+//! Every answer is counted by status.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use api::routes::{self, Route, ROUTES};
 use api::{ApiError, ErrorCode};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
+use tokio::time::Instant;
 
 use super::parse::{self, Parsed, RequestError, RequestParts};
-use super::response::{self, Body};
+use super::response::{self, Body, Wait};
 use super::{guest, metrics, operations, test_hooks, vcpus, vm, ServerState};
 use crate::control::{Action, ControlError, Query, Request as Control, Responder};
 
@@ -61,13 +64,24 @@ impl<'a> Resource<'a> {
     }
 }
 
-/// Answer one request; never panics on client input.
-pub(super) async fn handle(state: &ServerState, request: Request<Incoming>) -> Response<Body> {
-    let response = match answer(state, request).await {
+/// Answer one request whose body must be in by `deadline`; never panics
+/// on client input. A body that is late is answered `408` and the
+/// connection closed.
+pub(super) async fn handle(
+    state: &ServerState,
+    request: Request<Incoming>,
+    deadline: Instant,
+) -> Response<Body> {
+    let response = match answer(state, request, deadline).await {
         Ok(response) => response,
         Err(e) => match &e {
             RequestError::MethodNotAllowed { allow, .. } => {
                 response::not_allowed(&e.to_api_error(), allow)
+            }
+            RequestError::Timeout(_) => {
+                let mut response = response::error(&e.to_api_error());
+                response::close_after(&mut response);
+                response
             }
             _ => response::error(&e.to_api_error()),
         },
@@ -79,6 +93,7 @@ pub(super) async fn handle(state: &ServerState, request: Request<Incoming>) -> R
 async fn answer(
     state: &ServerState,
     request: Request<Incoming>,
+    deadline: Instant,
 ) -> Result<Response<Body>, RequestError> {
     let (head, body) = request.into_parts();
     let resource = match resource(state, head.uri.path(), &head.method) {
@@ -86,14 +101,15 @@ async fn answer(
         Err(e) => {
             // Read what the client is sending (bounded) before answering,
             // so that it sees the answer rather than a closed connection.
-            parse::discard_body(&head.headers, body).await;
+            parse::discard_body(&head.headers, body, deadline).await;
             return Err(e);
         }
     };
+    let timeout = state.options.request_timeout;
     let parts = RequestParts {
         query: head.uri.query().map(str::to_owned),
         content_type: parse::content_type(&head.headers),
-        body: parse::read_body(&head.headers, body).await?,
+        body: parse::read_body(&head.headers, body, deadline, timeout).await?,
     };
     let parsed = parse_request(resource, &head.method, &parts)?;
     Ok(dispatch(state, parsed).await)
@@ -190,16 +206,32 @@ async fn dispatch(state: &ServerState, parsed: Parsed) -> Response<Body> {
             let Some(change) = parsed.action.change() else {
                 return response::error(&ApiError::new(ErrorCode::Internal, "not a change"));
             };
+            let wait = waiter(state, parsed.wait);
             match ask(state, |reply| Control::Mutate { change, reply })
                 .await
                 .and_then(|r| r)
             {
-                Ok(mutation) => return response::mutation(mutation, parsed.wait).await,
+                Ok(mutation) => return response::mutation(mutation, wait).await,
                 Err(e) => Err(e),
             }
         }
     };
     answer.unwrap_or_else(|e| response::error(&e))
+}
+
+/// A waiter permit for `wait`, if one is left; else the answer does not
+/// wait (`202`), and that is counted.
+fn waiter(state: &ServerState, wait: Option<Duration>) -> Wait {
+    let Some(wait) = wait else {
+        return Wait::No;
+    };
+    match Arc::clone(&state.waiters).try_acquire_owned() {
+        Ok(permit) => Wait::For(wait, permit),
+        Err(_) => {
+            state.metrics.count_wait_over_limit();
+            Wait::No
+        }
+    }
 }
 
 async fn ask<T>(

@@ -6,6 +6,8 @@
 //! inside a fresh 0700 directory, made 0600, then hard-linked into place:
 //! nobody else can connect before the mode is set, and the link fails
 //! (rather than replaces) if something appeared at the path meanwhile.
+//! A missing parent directory (the last component only, e.g. `/run/vmm`)
+//! is created with mode 0700.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -84,6 +86,13 @@ pub(super) fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketErro
         let at = at.to_owned();
         move |source| SocketError::Create { path: at, source }
     };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        match fs::DirBuilder::new().mode(0o700).create(parent) {
+            Ok(()) => log::info!("created {} (mode 0700)", parent.display()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(create(parent)(e)),
+        }
+    }
     let private = PrivateDir::new(path).map_err(create(path))?;
     let temp = private.dir.join("s");
     let listener = UnixListener::bind(&temp).map_err(create(&temp))?;
@@ -209,6 +218,18 @@ mod tests {
 
         fs::create_dir(&path).unwrap();
         assert!(matches!(bind(&path), Err(SocketError::NotASocket(_))));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn missing_parent_is_created_0700_one_level_only() {
+        let dir = scratch("parent");
+        let path = dir.join("run-vmm").join("vmm.sock");
+        let (_listener, file) = bind(&path).unwrap();
+        let meta = fs::symlink_metadata(dir.join("run-vmm")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        file.remove();
+        assert!(bind(&dir.join("a/b/vmm.sock")).is_err());
         fs::remove_dir_all(dir).unwrap();
     }
 

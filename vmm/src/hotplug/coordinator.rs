@@ -70,6 +70,8 @@ pub struct Coordinator<M: Machine> {
     pub(super) agent_failure: Option<String>,
     /// Guest events the event queue dropped (set by the event loop).
     pub(super) events_dropped: u64,
+    /// Guest RAM, to tell the VMM's own memory from the guest's.
+    pub(super) guest_ram: Option<crate::memory::GuestRam>,
     pub(super) stopping: bool,
     /// The user's workload, if the agent runs one.
     pub(super) workload: WorkloadTracker,
@@ -99,6 +101,7 @@ impl<M: Machine> Coordinator<M> {
             late_eject_ok: BTreeSet::new(),
             agent_failure: None,
             events_dropped: 0,
+            guest_ram: None,
             stopping: false,
             workload: WorkloadTracker::default(),
         }
@@ -107,6 +110,12 @@ impl<M: Machine> Coordinator<M> {
     /// Uses `timeouts` instead of the defaults.
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
+        self
+    }
+
+    /// Reports the guest's share of the process's memory from `ram`.
+    pub fn with_guest_ram(mut self, ram: crate::memory::GuestRam) -> Self {
+        self.guest_ram = Some(ram);
         self
     }
 

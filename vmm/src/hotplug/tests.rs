@@ -106,13 +106,7 @@ impl Harness {
 }
 
 fn op_of(m: Mutation) -> (api::Operation, tokio::sync::watch::Receiver<api::Operation>) {
-    match m {
-        Mutation::Started {
-            operation,
-            progress,
-        } => (operation, progress),
-        Mutation::Unchanged(op) => panic!("unchanged: {op:?}"),
-    }
+    m.expect_started()
 }
 
 fn online(cpu: u32, logical: u32) -> GuestMessage {

@@ -90,7 +90,10 @@ impl<M: Machine> Coordinator<M> {
             stuck_vcpus: u64::try_from(stuck).unwrap_or(u64::MAX),
             repeated_requests: self.counters.repeated,
             guest_events_dropped: self.events_dropped,
-            process: crate::procstat::ProcessStats::read(),
+            process: crate::procstat::ProcessStats {
+                guest_resident_bytes: self.guest_ram.as_ref().map_or(0, |m| m.resident_bytes()),
+                ..crate::procstat::ProcessStats::read()
+            },
         }
     }
 }

@@ -2,7 +2,7 @@
 //! thread but the vCPU's own ever writes its `kvm_run`.
 //!
 //! - The vCPU thread publishes the address of its `kvm_run.immediate_exit`
-//!   in a thread-local ([`publish`]) before its first KVM_RUN and clears
+//!   in a thread-local (`publish`) before its first KVM_RUN and clears
 //!   it before it hands the vCPU back.
 //! - The kick signal ([`kick_signal`], SIGRTMIN+0) is sent to that thread;
 //!   its handler runs *on* the thread and sets `immediate_exit = 1`
@@ -11,7 +11,7 @@
 //!   makes the next KVM_RUN return at once.
 //! - The VMM thread only sets flags and sends signals.
 //!
-//! A registry of the running vCPU threads ([`register`]) lets a panicking
+//! A registry of the running vCPU threads (`register`) lets a panicking
 //! VMM stop them all without their handles ([`stop_all`]).
 
 use std::cell::Cell;

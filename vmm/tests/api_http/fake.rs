@@ -50,6 +50,8 @@ pub struct FakeState {
     pub reply_delay: Duration,
     /// Whether the simulated guest agent is connected.
     pub agent_connected: bool,
+    /// The version the simulated agent reports (guest text).
+    pub agent_version: String,
     /// The agent's worker snapshot, once it sent one.
     pub snapshot: Option<GuestWorkers>,
     /// Faults accepted, in order.
@@ -81,6 +83,7 @@ impl FakeState {
             drop_requests: false,
             reply_delay: Duration::ZERO,
             agent_connected: false,
+            agent_version: "fake".to_owned(),
             snapshot: None,
             faults: Vec::new(),
             test_hooks: false,
@@ -124,7 +127,7 @@ impl FakeState {
             .unwrap(),
             memory_mib: 512,
             agent_connected: self.agent_connected.then_some(true),
-            agent_version: self.agent_connected.then(|| "fake".to_owned()),
+            agent_version: self.agent_connected.then(|| self.agent_version.clone()),
             workload: None,
         }
     }

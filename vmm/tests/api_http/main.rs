@@ -1,14 +1,17 @@
 //! The API server through real HTTP over a real Unix socket, with the api
 //! crate's client, against a fake VMM (`fake`): every status code, `?wait`,
 //! idempotency, concurrency, the socket rules, the route table, the guest's
-//! view and the test hooks, `vmmctl`'s output, and schemathesis against
-//! `api/openapi.yaml`.
+//! view and the test hooks, the server's bounds (connections, deadlines,
+//! waiters, connection lifetime), `vmmctl`'s output (guest text escaped),
+//! and schemathesis against `api/openapi.yaml`.
 
+mod bounds;
 mod concurrency;
 mod errors;
 mod fake;
 mod guest;
 mod mutations;
+mod raw;
 mod routes;
 mod schemathesis;
 mod socket;

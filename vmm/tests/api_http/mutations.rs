@@ -182,6 +182,8 @@ fn metrics_count_hotplug_and_requests() {
         "vmm_api_requests_total{status=\"200\"} 2",
         "vmm_api_requests_total{status=\"409\"} 1",
         "vmm_api_requests_total{status=\"404\"} 1",
+        "vmm_api_connections_refused_total 0",
+        "vmm_api_waits_over_limit_total 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),
@@ -196,6 +198,6 @@ fn metrics_count_hotplug_and_requests() {
             .lines()
             .filter(|l| l.starts_with("# TYPE"))
             .count(),
-        15
+        18
     );
 }

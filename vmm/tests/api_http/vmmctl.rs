@@ -167,3 +167,91 @@ fn unreachable_server() {
         run.err
     );
 }
+
+/// Guest text with a control character and ANSI escapes (colour, clear
+/// screen, window title, an 8-bit CSI) comes out visibly escaped, in the
+/// human output and in `--json`, never raw.
+#[test]
+fn guest_text_is_escaped() {
+    const EVIL: &str = "v1\u{7}\u{1b}[31mred\u{1b}[2J\u{1b}]0;owned\u{7}\u{9b}1m\nfake: line";
+    let raw_controls = |text: &str| {
+        text.chars()
+            .any(|c| c.is_control() && c != '\n' || c == '\u{9b}')
+    };
+    let h = Harness::start(Settle::Never);
+    {
+        let mut state = h.fake.lock();
+        state.agent_connected = true;
+        state.agent_version = EVIL.to_owned();
+        state.snapshot = Some(api::GuestWorkers {
+            agent_connected: Some(true),
+            agent_version: Some(EVIL.to_owned()),
+            snapshot_age_ms: Some(1),
+            workers: vec![api::GuestWorker {
+                descriptor: format!("ksoftirqd{EVIL}"),
+                cpu: 0,
+                status: format!("active{EVIL}"),
+                last_cpu: Some(0),
+                setup_calls: 1,
+                park_calls: 0,
+                unpark_calls: 0,
+                thread_fn_calls: 1,
+            }],
+            work: vec![],
+        });
+    }
+    let run = vmmctl(&h, &["add", "5"]);
+    assert_eq!(run.code, EXIT_OK, "{}", run.err);
+    h.fake
+        .lock()
+        .table
+        .vcpu_failed(5, &format!("agent refused: {EVIL}"));
+    let mut outputs = Vec::new();
+    for args in [
+        &["status"][..],
+        &["vcpus"],
+        &["workers"],
+        &["operation", "1"],
+        &["--json", "status"],
+        &["--json", "workers"],
+        &["--json", "operation", "1"],
+    ] {
+        let run = vmmctl(&h, args);
+        assert!(
+            !raw_controls(&run.out) && !raw_controls(&run.err),
+            "{args:?} printed raw controls: {:?} {:?}",
+            run.out,
+            run.err
+        );
+        outputs.push((args, run.out));
+    }
+    let text = |n: usize| outputs[n].1.as_str();
+    assert!(
+        text(0).contains("connected (version v1\\u{7}\\u{1b}[31mred\\u{1b}[2J"),
+        "{}",
+        text(0)
+    );
+    // The newline in guest text cannot fake a line of output.
+    assert!(
+        !text(0).lines().any(|l| l.starts_with("fake:")),
+        "{}",
+        text(0)
+    );
+    assert!(text(1).contains("1 activev1\\u{7}"), "{}", text(1));
+    assert!(
+        text(2).contains("ksoftirqdv1\\u{7}\\u{1b}[31m"),
+        "{}",
+        text(2)
+    );
+    assert!(
+        text(3).contains("agent refused: v1\\u{7}\\u{1b}[31m"),
+        "{}",
+        text(3)
+    );
+    assert!(text(3).contains("\\u{9b}1m\\nfake: line"), "{}", text(3));
+    // JSON stays valid and means the same.
+    let vm: VmInfo = serde_json::from_str(text(4)).unwrap();
+    assert_eq!(vm.agent_version.as_deref(), Some(EVIL));
+    let op: Operation = serde_json::from_str(text(6)).unwrap();
+    assert!(op.reason.unwrap().ends_with(EVIL));
+}
