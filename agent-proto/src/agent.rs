@@ -23,6 +23,9 @@
 //! Version 1 put Linux's logical numbers in `cpu` fields. Version 2: vCPU
 //! ids everywhere, `logical` in `cpu`, `cpus` in `ready`, and the
 //! `cancel_remove` / `restored`, `fatal` and `delay` (test fault) messages.
+//! Later additions, sent only to a VMM of the same build: the workload
+//! messages (`workload_started`, `workload_output`, `workload_exit`,
+//! `workload_failed`; `workload_ack` back), see [`crate::workload`].
 //!
 //! # Examples (one line each)
 //! Guest to host:
@@ -46,6 +49,8 @@
 //! ```
 
 use serde::{Deserialize, Serialize};
+
+use crate::workload::WorkloadStream;
 
 /// Protocol version spoken by this build.
 pub const VERSION: u32 = 2;
@@ -140,6 +145,39 @@ pub enum GuestMessage {
         /// What went wrong.
         reason: String,
     },
+    /// The workload ([`crate::workload`]) started as the agent's child.
+    WorkloadStarted {
+        /// Its process id in the guest.
+        pid: u32,
+    },
+    /// Whole lines the workload wrote on one stream, in order; costs one
+    /// credit of [`crate::workload::WINDOW`].
+    WorkloadOutput {
+        /// The stream.
+        #[serde(rename = "s")]
+        stream: WorkloadStream,
+        /// The lines, without their newlines.
+        lines: Vec<String>,
+    },
+    /// The workload ended, after its last `workload_output`; the agent
+    /// powers the guest off next.
+    WorkloadExit {
+        /// Its exit status, when it exited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<i32>,
+        /// The signal that killed it, when one did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+    },
+    /// The workload could not be started; the agent powers the guest off
+    /// next.
+    WorkloadFailed {
+        /// Why (the description was unusable, exec failed).
+        reason: String,
+        /// The program (or its ELF interpreter) does not exist.
+        #[serde(default)]
+        not_found: bool,
+    },
 }
 
 /// Messages from the VMM to the guest agent (each at most
@@ -177,6 +215,12 @@ pub enum HostMessage {
         /// Milliseconds, for [`Fault::DelayReport`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ms: Option<u64>,
+    },
+    /// The VMM wrote out `n` more `workload_output` messages: the agent may
+    /// send that many more ([`crate::workload::WINDOW`]).
+    WorkloadAck {
+        /// Messages acknowledged.
+        n: u32,
     },
 }
 
@@ -383,6 +427,7 @@ mod tests {
             cpu: None,
             ms: Some(u64::MAX),
         });
+        msgs.push(HostMessage::WorkloadAck { n: u32::MAX });
         msgs
     }
 
@@ -419,7 +464,7 @@ mod tests {
             .iter()
             .map(std::mem::discriminant)
             .collect();
-        assert_eq!(names.len(), 5);
+        assert_eq!(names.len(), 6);
         assert!(longest > 50, "the test covers the long ones: {longest}");
     }
 

@@ -4,6 +4,8 @@
 //!   encoding and the checks every received line goes through.
 //! - [`mailbox`]: the shared-memory rings that carry the same byte stream
 //!   beside the agent UART, which then carries only doorbells.
+//! - [`workload`]: the user's program the agent runs beside itself: its
+//!   description, its output's bounds and credits, its exit status.
 //!
 //! Every `cpu` in a message is a *vCPU id* (the KVM vCPU id, the APIC ID,
 //! the `_UID` of the ACPI processor device, the HTTP API's id), never
@@ -19,3 +21,4 @@
 pub mod agent;
 #[allow(unsafe_code)]
 pub mod mailbox;
+pub mod workload;

@@ -39,10 +39,10 @@ pub mod vm;
 
 /// The guest-agent protocol and its mailbox, from the `agent-proto` crate
 /// (re-exported so `api::agent::...` paths keep working).
-pub use agent_proto::{agent, mailbox};
+pub use agent_proto::{agent, mailbox, workload};
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use fault::{FaultInjected, FaultKind, FaultRequest, FaultTarget};
 pub use guest::{CpuWork, GuestWorker, GuestWorkers};
 pub use operation::{Operation, OperationKind, OperationStatus};
 pub use vcpu::{ResizeRequest, VcpuInfo, VcpuList, VcpuState};
-pub use vm::{VmInfo, VmState};
+pub use vm::{VmInfo, VmState, WorkloadInfo, WorkloadState};

@@ -8,7 +8,7 @@ use api::routes::ROUTES;
 use api::{
     ApiError, CpuWork, ErrorBody, ErrorCode, FaultInjected, FaultKind, FaultRequest, FaultTarget,
     GuestWorker, GuestWorkers, Operation, OperationKind, OperationStatus, ResizeRequest, VcpuInfo,
-    VcpuList, VcpuState, VmInfo, VmState,
+    VcpuList, VcpuState, VmInfo, VmState, WorkloadInfo, WorkloadState,
 };
 use serde::Serialize;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -170,11 +170,42 @@ fn schemas_match_the_types() {
         memory_mib: 64,
         agent_connected: Some(true),
         agent_version: Some("1".into()),
+        workload: None,
     };
+    let workload = WorkloadInfo {
+        state: WorkloadState::Exited,
+        pid: Some(97),
+        exit_status: Some(137),
+        signal: Some(9),
+        error: Some("x".into()),
+        output_lines: 3,
+    };
+    let workload_min = WorkloadInfo {
+        state: WorkloadState::Running,
+        pid: None,
+        exit_status: None,
+        signal: None,
+        error: None,
+        output_lines: 0,
+    };
+    check_object(&spec, "WorkloadInfo", &workload, &workload_min);
+    let workload_states: BTreeSet<String> =
+        strings(&schema(&spec, "WorkloadInfo")["properties"]["state"]["enum"]);
+    assert_eq!(
+        workload_states,
+        WorkloadState::ALL
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<_>>()
+    );
     let vm_min = VmInfo {
         agent_connected: None,
         agent_version: None,
         ..vm.clone()
+    };
+    let vm = VmInfo {
+        workload: Some(workload),
+        ..vm
     };
     check_object(&spec, "VmInfo", &vm, &vm_min);
     let vm_states: BTreeSet<String> =

@@ -179,6 +179,8 @@ pub struct Agent {
     workers_dirty: bool,
     workers_sent: Option<workers::Structure>,
     dropped_lines: u64,
+    /// `workload_ack`s received and not yet taken by the event loop.
+    workload_acks: u32,
 }
 
 fn uptime() -> Option<String> {
@@ -283,6 +285,7 @@ impl Agent {
             workers_dirty: false,
             workers_sent: None,
             dropped_lines: 0,
+            workload_acks: 0,
         };
         agent.out.console.extend(cfg.preface);
         if !agent.opts.unknown.is_empty() {
@@ -363,6 +366,12 @@ impl Agent {
     /// oversized, a fault without its CPU).
     pub fn dropped_lines(&self) -> u64 {
         self.dropped_lines
+    }
+
+    /// Workload messages the VMM acknowledged since the last call (the
+    /// event loop runs the workload, see [`crate::workload`]).
+    pub fn take_workload_acks(&mut self) -> u32 {
+        mem::take(&mut self.workload_acks)
     }
 
     /// Takes what the agent has to say.
@@ -582,6 +591,9 @@ impl Agent {
             HostMessage::Snapshot => self.send_workers(true, Instant::now()),
             HostMessage::Poweroff => return Some(Exit::PowerOff("reason=host".into())),
             HostMessage::Fault { fault, cpu, ms } => self.on_fault(fault, cpu, ms),
+            HostMessage::WorkloadAck { n } => {
+                self.workload_acks = self.workload_acks.saturating_add(n);
+            }
         }
         None
     }

@@ -286,6 +286,33 @@ impl Channel {
         result
     }
 
+    /// Flushes until everything queued left the guest (the tty's own
+    /// output queue included) or `deadline` passes (`TimedOut`).
+    pub fn drain(&mut self, deadline: std::time::Instant) -> io::Result<()> {
+        loop {
+            self.flush()?;
+            if self.out.is_empty() && !self.doorbell_owed {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            std::thread::sleep(RING_RETRY);
+        }
+        loop {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: TIOCOUTQ writes one int to the pointer, which is live.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+            if rc < 0 || queued <= 0 {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            std::thread::sleep(RING_RETRY);
+        }
+    }
+
     /// Reads what is available and returns the complete lines.
     pub fn read_lines(&mut self) -> io::Result<Incoming> {
         let mut incoming = Incoming::default();
@@ -367,6 +394,29 @@ mod tests {
         }
         assert_eq!(got, queued);
         assert!(!ch.wants_write());
+    }
+
+    #[test]
+    fn drain_waits_until_the_peer_took_everything() {
+        let (mut ch, mut peer) = pair();
+        let line = format!("{}\n", "y".repeat(4095));
+        for _ in 0..15 {
+            assert!(ch.queue(&line));
+        }
+        let total = ch.queued();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; total];
+            peer.read_exact(&mut got).map(|()| got.len())
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        ch.drain(deadline).unwrap();
+        assert_eq!(ch.queued(), 0);
+        assert_eq!(reader.join().unwrap().unwrap(), total);
+        // Nobody reads: the deadline ends it.
+        let (mut ch, _peer) = pair();
+        while ch.queue(&line) {}
+        let err = ch.drain(std::time::Instant::now()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 
     #[test]

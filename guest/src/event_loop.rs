@@ -2,6 +2,9 @@
 //! signalfd and the VMM channel, feeding the [`Agent`] and draining its
 //! [`Outbox`](crate::agent::Outbox) to the console and the channel.
 //!
+//! With a workload ([`crate::workload`]) the loop also polls its output
+//! pipes, forwards its lines, reaps it, and powers off once it ended.
+//!
 //! Writing a CPU's `online` file blocks until the kernel is done with it,
 //! which orders the agent's reports after the kernel's work. Everything
 //! else is non-blocking; the channel's queued output is written as the
@@ -13,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_proto::agent::encode;
+use agent_proto::agent::{encode, GuestMessage};
 
 use crate::agent::{Agent, AgentConfig, AgentError, Exit};
 use crate::channel::{self, Channel};
@@ -26,6 +29,11 @@ use crate::mailbox::GuestMailbox;
 use crate::sysfs::Sysfs;
 use crate::topology::{GuestPlacement, SysfsTopology};
 use crate::uevent::UeventSocket;
+use crate::workload::{self, Workload};
+
+/// How long the agent waits for its last messages (the workload's exit)
+/// to leave the guest before it powers off.
+const DRAIN_BEFORE_POWEROFF: Duration = Duration::from_secs(5);
 
 /// Which descriptors were readable.
 #[derive(Debug, Default, Clone, Copy)]
@@ -67,6 +75,7 @@ fn wait(
     uevents: Option<BorrowedFd<'_>>,
     signals: BorrowedFd<'_>,
     channel: Option<&Channel>,
+    workload: &[BorrowedFd<'_>],
     timeout: Option<Duration>,
 ) -> io::Result<Ready> {
     let mut fds = vec![pollfd(signals, libc::POLLIN)];
@@ -80,6 +89,8 @@ fn wait(
         }
         fds.push(pollfd(ch.as_fd(), events));
     }
+    // The workload's pipes only wake the loop, which reads them each turn.
+    fds.extend(workload.iter().map(|fd| pollfd(*fd, libc::POLLIN)));
     poll_fds(&mut fds, timeout)?;
     let any = libc::POLLIN | libc::POLLOUT | libc::POLLERR | libc::POLLHUP;
     let hit = |i: usize| fds.get(i).is_some_and(|p| p.revents & any != 0);
@@ -167,6 +178,97 @@ fn open_channel(path: Option<&Path>) -> (Option<Channel>, Option<String>) {
     }
 }
 
+/// Starts the workload of [`workload::SPEC_PATH`], if there is one (PID 1
+/// only): `Err` with the power-off when it cannot start (the VMM was told).
+fn start_workload(channel: &mut Option<Channel>) -> Result<Option<Workload>, Exit> {
+    if !init::is_pid1() {
+        return Ok(None);
+    }
+    let started = match workload::load(Path::new(workload::SPEC_PATH)) {
+        Ok(None) => return Ok(None),
+        Ok(Some(spec)) => {
+            for problem in workload::prepare_environment() {
+                say(&format!(
+                    "GUEST-WARN workload environment: {}",
+                    problem.escape_debug()
+                ));
+            }
+            Workload::start(&spec)
+        }
+        Err(e) => Err(workload::failure(e, false)),
+    };
+    let (msg, result) = match started {
+        Ok(w) => (GuestMessage::WorkloadStarted { pid: w.pid() }, Ok(Some(w))),
+        Err(failed) => {
+            let text = match &failed {
+                GuestMessage::WorkloadFailed { reason, .. } => reason.escape_debug().to_string(),
+                _ => String::new(),
+            };
+            say(&format!("GUEST-WORKLOAD failed {text}"));
+            (failed, Err(Exit::PowerOff("workload=failed".into())))
+        }
+    };
+    if let Some(ch) = channel {
+        ch.queue(&encode(&msg));
+    }
+    if let Ok(Some(w)) = &result {
+        say(&format!("GUEST-WORKLOAD started pid={}", w.pid()));
+    } else {
+        drain_before_poweroff(channel);
+    }
+    result
+}
+
+/// One turn of the workload: forward its output, acknowledge locally what
+/// no VMM will (no channel); `Some` with the power-off once it ended and
+/// `workload_exit` went out.
+fn step_workload(
+    w: &mut Workload,
+    agent: &mut Agent,
+    channel: &mut Option<Channel>,
+    now: Instant,
+) -> Option<Exit> {
+    w.on_ack(agent.take_workload_acks());
+    w.read();
+    match channel {
+        Some(ch) => {
+            // Room for the agent's own messages too.
+            let room = channel::MAX_QUEUED.saturating_sub(ch.queued() + 4096);
+            for line in w.take_lines(now, room) {
+                ch.queue(&line);
+            }
+        }
+        None => {
+            let sent = w.take_lines(now, usize::MAX).len();
+            w.on_ack(u32::try_from(sent).unwrap_or(u32::MAX));
+        }
+    }
+    let exit = w.finished(now)?;
+    let GuestMessage::WorkloadExit { status, signal } = exit else {
+        return None;
+    };
+    let status = agent_proto::workload::shell_status(status, signal, false);
+    say(&format!(
+        "GUEST-WORKLOAD exit status={status} lines={} lost={}",
+        w.lines(),
+        w.lost()
+    ));
+    if let Some(ch) = channel {
+        ch.queue(&encode(&exit));
+    }
+    drain_before_poweroff(channel);
+    Some(Exit::PowerOff(format!("workload status={status}")))
+}
+
+/// Pushes what the channel holds out of the guest (bounded), so that the
+/// VMM reads it before the power-off.
+fn drain_before_poweroff(channel: &mut Option<Channel>) {
+    let Some(ch) = channel else { return };
+    if let Err(e) = ch.drain(Instant::now() + DRAIN_BEFORE_POWEROFF) {
+        say(&format!("GUEST-ERROR channel drain: {e}"));
+    }
+}
+
 /// Everything PID 1 (or a hand-run agent) does: mount (PID 1 only), read
 /// the options (`cmdline` overrides `/proc/cmdline`; not as PID 1,
 /// `agent.autoonline=0 agent.readonly=1` come first), listen for uevents,
@@ -235,21 +337,42 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
     if poweroff == Some(PowerOffWhen::Ready) {
         return Ok(Exit::PowerOff("reason=ready".into()));
     }
+    let mut workload = match start_workload(&mut channel) {
+        Ok(w) => w,
+        Err(exit) => return Ok(exit),
+    };
     loop {
-        let timeout = match (
-            agent.next_timeout(Instant::now()),
+        let now = Instant::now();
+        let timeout = [
+            agent.next_timeout(now),
             channel.as_ref().and_then(Channel::retry_after),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let ready = wait(topo.poll_fd(), signals.as_fd(), channel.as_ref(), timeout)
-            .map_err(AgentError::Poll)?;
+            workload.as_ref().and_then(|w| w.next_timeout(now)),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let pipes = workload
+            .as_ref()
+            .map(Workload::poll_fds)
+            .unwrap_or_default();
+        let ready = wait(
+            topo.poll_fd(),
+            signals.as_fd(),
+            channel.as_ref(),
+            &pipes,
+            timeout,
+        )
+        .map_err(AgentError::Poll)?;
+        drop(pipes);
         if ready.signals {
             for signal in signals.read().map_err(AgentError::Signals)? {
                 match signal {
                     Signal::Child => {
-                        init::reap_children();
+                        for (pid, status) in init::reap_children() {
+                            if let Some(w) = workload.as_mut() {
+                                w.on_reaped(pid, status, Instant::now());
+                            }
+                        }
                     }
                     Signal::Stop(sig) => {
                         return Ok(Exit::PowerOff(format!("signal={}", init::signal_name(sig))));
@@ -268,6 +391,12 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
         }
         agent.tick(Instant::now());
         drain(&mut agent, &mut channel);
+        if let Some(w) = workload.as_mut() {
+            if let Some(exit) = step_workload(w, &mut agent, &mut channel, Instant::now()) {
+                return Ok(exit);
+            }
+            flush(&mut channel);
+        }
     }
 }
 

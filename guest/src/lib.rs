@@ -25,7 +25,8 @@
 //! transitions, removal protocol, faults, reports), [`event_loop`] (I/O),
 //! [`kmsg`] (kernel log lines), [`cmdline`] (`agent.*` options),
 //! [`console`] (output), [`last_words`] (`fatal` to the VMM on a panic or
-//! a fatal error).
+//! a fatal error), [`workload`] (the user's program, run beside the agent
+//! when the launcher put one in the initramfs).
 //!
 //! The binary is built static for the guest image (see the `resources`
 //! crate) and also runs on a host as a plain process, where it mounts
@@ -45,6 +46,7 @@ pub mod sysfs;
 pub mod topology;
 pub mod uevent;
 pub mod workers;
+pub mod workload;
 
 /// An error and its sources, joined with `": "`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

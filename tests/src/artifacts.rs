@@ -23,6 +23,8 @@ pub struct GuestFiles {
     pub initramfs: PathBuf,
     /// Default command line of the image.
     pub cmdline: String,
+    /// The static guest agent the initramfs carries as `/init`.
+    pub agent: PathBuf,
 }
 
 fn memo<T: Clone>(cell: &Mutex<Option<T>>, make: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -81,6 +83,7 @@ pub fn guest_image() -> Result<GuestFiles> {
             vmlinux: img.kernel.vmlinux,
             initramfs: img.initramfs,
             cmdline: img.cmdline,
+            agent: img.agent,
         })
     })
 }

@@ -164,6 +164,16 @@ impl Console {
         self.state().lines.clone()
     }
 
+    /// The lines from index `mark` on (a reader that follows the console
+    /// keeps its own mark).
+    pub fn lines_from(&self, mark: usize) -> Vec<Line> {
+        let st = self.state();
+        st.lines
+            .get(mark..)
+            .map(<[Line]>::to_vec)
+            .unwrap_or_default()
+    }
+
     /// The first line matching `pred` (from the start), waiting up to `timeout`.
     pub fn wait_for(
         &self,

@@ -503,7 +503,7 @@ impl Drop for WorkDir {
 
 /// A wait of `waited` for `TESTHOST-EXIT` that saw neither it nor
 /// `TESTHOST-ERROR`: when that is longer than the job's own bound plus
-/// [`JOB_REPORT_GRACE`], `testhost-init` (which ends a job at its bound and
+/// `JOB_REPORT_GRACE`, `testhost-init` (which ends a job at its bound and
 /// reports it) could not run either, so the emulated host itself stopped
 /// (seen: a host that reached ready and then never answered again).
 pub fn silent_host(waited: Duration, job_timeout: Duration) -> Option<String> {

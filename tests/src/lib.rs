@@ -4,6 +4,9 @@
 //! every test and the `launch` binary one API for it:
 //! [`VmSpec`] -> [`launch`] -> [`RunningVm`] (console, API socket, exit).
 //!
+//! [`workload`] runs a user's program in the guest under vCPU churn (the
+//! `launch --run` mode).
+//!
 //! Threads: every launched process has one console reader thread per
 //! output stream; the API forward has an accept thread, one link reader and
 //! two pumps per connection ([`mux`]). Tests run one VM at a time across
@@ -23,6 +26,7 @@ pub mod job;
 pub mod mux;
 pub mod sys;
 pub mod vm;
+pub mod workload;
 
 pub use console::Echo;
 pub use error::{chain, conclude, run_test, skip, BoxError, Error, Result};

@@ -70,6 +70,9 @@ pub struct VmSpec {
     pub timeout: Duration,
     /// Where console lines are echoed as they arrive.
     pub echo: Echo,
+    /// Boot this initramfs instead of the guest image's (the launcher's
+    /// `--add`/`--run`: the image's plus the user's files).
+    pub initramfs: Option<PathBuf>,
 }
 
 impl Default for VmSpec {
@@ -85,6 +88,7 @@ impl Default for VmSpec {
             host: None,
             timeout: Duration::from_secs(300),
             echo: default_echo(),
+            initramfs: None,
         }
     }
 }
@@ -474,6 +478,7 @@ fn plan_vm(spec: &VmSpec) -> Result<Plan> {
         GuestKernel::Vmlinux => guest.vmlinux.clone(),
     };
     let vmm = artifacts::vmm_binary()?;
+    let initramfs = spec.initramfs.as_ref().unwrap_or(&guest.initramfs);
     let mut plan = Plan {
         kind,
         direct_argv: Vec::new(),
@@ -486,7 +491,7 @@ fn plan_vm(spec: &VmSpec) -> Result<Plan> {
             plan.direct_argv.push(vmm.to_string_lossy().into_owned());
             plan.direct_argv.extend(spec.vmm_args(
                 &kernel.to_string_lossy(),
-                &guest.initramfs.to_string_lossy(),
+                &initramfs.to_string_lossy(),
                 &guest.cmdline,
                 "{api}",
             ));
@@ -504,7 +509,7 @@ fn plan_vm(spec: &VmSpec) -> Result<Plan> {
                 files: vec![
                     file_in("/bin/vmm", &vmm, 0o755),
                     file_in("/guest/kernel", &kernel, 0o644),
-                    file_in("/guest/initramfs", &guest.initramfs, 0o644),
+                    file_in("/guest/initramfs", initramfs, 0o644),
                 ],
                 argv,
                 api_socket: Some(INSIDE_API_SOCKET.to_string()),

@@ -114,7 +114,7 @@ impl Vmm {
         let uart = vm.devices.agent_uart.clone();
         let outlet: Outlet = Box::new(move |b: &[u8]| lock(&uart).enqueue_input(b));
         let link = AgentLink::new().with_mailbox(vm.devices.agent_mailbox.clone());
-        let hotplug = Coordinator::new(
+        let mut hotplug = Coordinator::new(
             cpus,
             cfg.cpus.max,
             VmFacts {
@@ -126,6 +126,14 @@ impl Vmm {
         .with_timeouts(cfg.timeouts)
         .with_guest_ram(vm.mem.clone())
         .with_test_hooks(cfg.test_hooks);
+        // Started now, with the other threads: lines of a workload, if the
+        // guest runs one, go to stderr through it.
+        hotplug
+            .workload_mut()
+            .output_mut()
+            .start_writer(Box::new(|b: &[u8]| {
+                std::io::Write::write_all(&mut std::io::stderr().lock(), b)
+            }))?;
         log::info!(
             "VM started: {} of {} vCPUs, {} MiB",
             cfg.cpus.boot,
@@ -226,6 +234,9 @@ impl Vmm {
                     log::warn!("vCPUs {stuck:?} did not stop in time");
                 }
                 v.vm.devices.flush_console();
+                if !v.hotplug.workload_mut().output_mut().flush(WORKLOAD_FLUSH) {
+                    log::warn!("the workload's last lines were not all written in time");
+                }
                 for (name, bus) in [("pio", &v.vm.devices.pio), ("mmio", &v.vm.devices.mmio)] {
                     log::debug!("{name} bus accesses: {:x?}", bus.stats());
                 }
@@ -236,6 +247,10 @@ impl Vmm {
         }
     }
 }
+
+/// How long the exit waits for the workload's last lines to reach stderr
+/// (its reader may be a slow serial line, inside the emulated host).
+const WORKLOAD_FLUSH: std::time::Duration = std::time::Duration::from_secs(10);
 
 const TAG_EVENTS: u32 = 1;
 const TAG_TERMINATE: u32 = 2;

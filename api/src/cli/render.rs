@@ -455,6 +455,7 @@ mod tests {
             memory_mib: 512,
             agent_connected: Some(true),
             agent_version: Some("1.2".into()),
+            workload: None,
         };
         let text = vm(&info);
         assert!(text.contains("2 present (1 at boot, 8 max)"), "{text}");

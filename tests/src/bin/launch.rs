@@ -17,6 +17,16 @@
 //!
 //! The console streams to stdout; the launcher's own lines go to stderr.
 //! Exits with the VMM's status; Ctrl-C (or SIGTERM) stops everything.
+//!
+//! With `--run CMD` it runs your program in the guest instead, beside the
+//! agent, with your `--add`ed files, under an optional `--churn`, and
+//! exits with its status (see `e2e::workload`, and `e2e::workload::status`
+//! for the table):
+//!
+//! ```text
+//! launch --api-socket /tmp/vmm.sock --add ./target/release/mytest:/bin/mytest \
+//!     --run "/bin/mytest --iterations 100" --churn random --churn-seed 7 --churn-max 4
+//! ```
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -54,6 +64,9 @@ struct Args {
     /// with status 7), log (allowed, logged by the kernel) or off.
     #[arg(long, default_value = "enforce", value_parser = ["enforce", "log", "off"])]
     seccomp: String,
+    /// Your own workload (`--add`, `--run`, `--churn`, ...).
+    #[command(flatten)]
+    workload: e2e::workload::cli::WorkloadArgs,
 }
 
 fn parse_cpus(s: &str) -> Result<(u32, u32)> {
@@ -139,6 +152,17 @@ fn run() -> Result<i32> {
     spec.host = host;
     spec.timeout = timeout;
     spec.echo = Echo::Stdout;
+
+    if args.workload.wanted() {
+        let limit = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
+        let interrupted = || sig_rx.try_recv().is_ok();
+        return Ok(e2e::workload::cli::main(
+            &args.workload,
+            spec,
+            limit,
+            &interrupted,
+        ));
+    }
 
     eprintln!("launch: preparing the guest image, the static vmm and the emulated host if needed");
     let mut vm = e2e::launch(&spec)?;

@@ -261,6 +261,7 @@ mod tests {
                 threads: 5,
                 resident_bytes: 4096,
                 guest_resident_bytes: 1024,
+                fd_table: 64,
             },
         };
         let text = metrics.render(&vmm);

@@ -11,6 +11,7 @@ use super::decide::{self, FaultStep};
 use super::machine::Machine;
 use super::record::{Lifecycle, Records};
 use super::session::AgentSession;
+use super::workload::WorkloadTracker;
 use super::Timeouts;
 use crate::control::{plan, respond, Change, Mutation, OperationTable, Query, Request};
 use crate::VcpuId;
@@ -71,7 +72,11 @@ pub struct Coordinator<M: Machine> {
     pub(super) events_dropped: u64,
     /// Guest RAM, to tell the VMM's own memory from the guest's.
     pub(super) guest_ram: Option<crate::memory::GuestRam>,
+    /// The process's own figures for the metrics.
+    pub(super) probe: crate::procstat::ProcessProbe,
     pub(super) stopping: bool,
+    /// The user's workload, if the agent runs one.
+    pub(super) workload: WorkloadTracker,
 }
 
 impl<M: Machine> Coordinator<M> {
@@ -99,7 +104,9 @@ impl<M: Machine> Coordinator<M> {
             agent_failure: None,
             events_dropped: 0,
             guest_ram: None,
+            probe: crate::procstat::ProcessProbe::open(),
             stopping: false,
+            workload: WorkloadTracker::default(),
         }
     }
 
@@ -135,6 +142,11 @@ impl<M: Machine> Coordinator<M> {
     /// Why the agent said it failed, if it did.
     pub fn agent_failure(&self) -> Option<&str> {
         self.agent_failure.as_deref()
+    }
+
+    /// The user's workload (its output's writer, flushed at exit).
+    pub fn workload_mut(&mut self) -> &mut WorkloadTracker {
+        &mut self.workload
     }
 
     /// Guest events dropped so far by the event queue (for the metrics).
@@ -357,6 +369,12 @@ impl<M: Machine> Coordinator<M> {
                 self.agent_failure = Some(reason);
             }
             GuestMessage::Workers { .. } | GuestMessage::Heartbeat => {}
+            workload @ (GuestMessage::WorkloadStarted { .. }
+            | GuestMessage::WorkloadOutput { .. }
+            | GuestMessage::WorkloadExit { .. }
+            | GuestMessage::WorkloadFailed { .. }) => {
+                self.workload.on_message(workload, &mut self.session);
+            }
         }
         self.pump_prepares(now);
     }

@@ -8,7 +8,9 @@
 //! - the agent session (`session.rs`): the conversation with the guest
 //!   agent (link, outbox or mailbox, liveness, snapshot throttling);
 //! - the views (`views.rs`): read-only answers (`GET /vm`, `/vcpus`,
-//!   `/guest/workers`, metrics) built from the records and the session.
+//!   `/guest/workers`, metrics) built from the records and the session;
+//! - the user's workload (`workload.rs`): its state, and its output on
+//!   stderr for the launcher, acknowledged to the agent as it is written.
 //!
 //! The coordinator never reads a clock: every entry point takes `now`, and
 //! [`Coordinator::tick`] says when it next needs to be called. It drives
@@ -23,6 +25,7 @@ mod removal;
 pub mod session;
 mod timeouts;
 mod views;
+pub mod workload;
 
 #[cfg(test)]
 mod model_tests;

@@ -47,6 +47,8 @@ impl<M: Machine> Coordinator<M> {
         }
         self.pump_prepares(now);
         next.add(self.ops.expire(now));
+        self.workload.pump_acks(&mut self.session);
+        next.add(self.workload.next_wake(now));
         next.add(self.session.next_wake(now));
         next.0
     }

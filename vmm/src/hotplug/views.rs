@@ -28,6 +28,7 @@ impl<M: Machine> Coordinator<M> {
             memory_mib: self.facts.memory_mib,
             agent_connected: self.session.connection_state(now),
             agent_version: link.version().map(str::to_owned),
+            workload: self.workload.info(),
         }
     }
 
@@ -91,7 +92,7 @@ impl<M: Machine> Coordinator<M> {
             guest_events_dropped: self.events_dropped,
             process: crate::procstat::ProcessStats {
                 guest_resident_bytes: self.guest_ram.as_ref().map_or(0, |m| m.resident_bytes()),
-                ..crate::procstat::ProcessStats::read()
+                ..self.probe.read()
             },
         }
     }

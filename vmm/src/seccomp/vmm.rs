@@ -73,16 +73,14 @@ pub(crate) fn allowed(ctx: &Context) -> Result<Allowed, BackendError> {
             arg(1, SeccompCmpOp::Eq, 0)?,
         ],
     )?;
-    // The metrics' process figures (`procstat`): /proc/self/status and the
-    // fd directory, opened read-only, and the guest RAM's residency.
+    // The metrics' process figures (`procstat`): /proc/self/status, opened
+    // before any filter and read again with pread; open fds counted with
+    // F_GETFD; the guest RAM's residency.
+    a.any(libc::SYS_pread64);
     a.when(
-        libc::SYS_openat,
-        vec![masked(2, c(libc::O_ACCMODE), c(libc::O_RDONLY))?],
+        libc::SYS_fcntl,
+        vec![arg(1, SeccompCmpOp::Eq, c(libc::F_GETFD))?],
     )?;
-    a.any(libc::SYS_getdents64);
-    a.any(libc::SYS_close);
-    a.any(libc::SYS_fstat);
-    a.any(libc::SYS_newfstatat);
     a.any(libc::SYS_mincore);
     // At exit: the API server removes its socket if it is still its own
     // (stat, then unlink).

@@ -128,6 +128,7 @@ impl FakeState {
             memory_mib: 512,
             agent_connected: self.agent_connected.then_some(true),
             agent_version: self.agent_connected.then(|| self.agent_version.clone()),
+            workload: None,
         }
     }
 
