@@ -351,6 +351,38 @@ mod tests {
     }
 
     #[test]
+    fn the_coordinator_shows_it_in_get_vm_and_acknowledges_through_tick() {
+        let mut h = super::super::tests::Harness::new(2, 1, true);
+        h.sent();
+        assert_eq!(h.c.vm_info(h.now).workload, None);
+        h.agent(GuestMessage::WorkloadStarted { pid: 5 });
+        h.agent(output(WorkloadStream::Out, &["x"; 3]));
+        assert_eq!(h.sent(), [HostMessage::WorkloadAck { n: 1 }]);
+        let info = h.c.vm_info(h.now).workload.unwrap();
+        assert_eq!(
+            (info.state, info.pid, info.output_lines),
+            (WorkloadState::Running, Some(5), 3)
+        );
+        // A full queue holds the acks back; the tick sends them once it drained.
+        h.c.workload.output.push("y".repeat(HIGH_WATER));
+        h.agent(output(WorkloadStream::Err, &["z"]));
+        assert!(h.sent().is_empty());
+        assert_eq!(h.c.tick(h.now), Some(h.now + ACK_RETRY));
+        h.c.workload_mut().output_mut().take();
+        h.c.tick(h.now);
+        assert_eq!(h.sent(), [HostMessage::WorkloadAck { n: 1 }]);
+        h.agent(GuestMessage::WorkloadExit {
+            status: Some(3),
+            signal: None,
+        });
+        let info = h.c.vm_info(h.now).workload.unwrap();
+        assert_eq!(
+            (info.state, info.exit_status, info.output_lines),
+            (WorkloadState::Exited, Some(3), 4)
+        );
+    }
+
+    #[test]
     fn a_failed_start_and_the_writer_thread() {
         let (mut s, _) = session();
         let mut w = WorkloadTracker::default();
