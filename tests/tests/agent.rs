@@ -120,7 +120,11 @@ fn scenario(vm: &mut RunningVm) -> TestResult {
     // Re-add CPU 2: the same threads unparked, not re-created.
     let op = finished("re-add 2", client.add_vcpu(2, Some(WAIT)))?;
     assert_eq!(op.status, OperationStatus::Succeeded);
-    let w = eventually(&client, "CPU 2 workers unparked", |w| all_active_on(w, 2))?;
+    // The snapshot is taken as the registry changes: wait until it shows
+    // the unpark callback too, not just the status.
+    let w = eventually(&client, "CPU 2 workers unparked", |w| {
+        all_active_on(w, 2) && worker(w, "watchdog", 2).is_some_and(|t| t.unpark_calls >= 1)
+    })?;
     let wd = worker(&w, "watchdog", 2).ok_or("watchdog/2 missing")?;
     if (wd.setup_calls, wd.unpark_calls) != (1, 1) {
         return Err(format!("watchdog/2 after re-add: {wd:?} (want setup 1, unpark 1)").into());
