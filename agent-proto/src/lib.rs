@@ -17,5 +17,8 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+#[doc(hidden)]
+#[allow(unsafe_code)]
+pub mod fuzzing;
 #[allow(unsafe_code)]
 pub mod mailbox;

@@ -248,6 +248,13 @@ impl Inbound {
         Self::default()
     }
 
+    /// Heap bytes held between calls: the partial line and the last
+    /// ring's bytes (the fuzz targets' memory bound).
+    #[doc(hidden)]
+    pub fn buffered_capacity(&self) -> usize {
+        self.decoder.buffered_capacity() + self.ring_bytes.capacity()
+    }
+
     /// Decodes `bytes` read from the UART, draining `ring` at each doorbell.
     pub fn receive(&mut self, bytes: &[u8], ring: Option<&Ring>) -> Received {
         let mut got = Received::default();
