@@ -466,3 +466,40 @@ fn http_answers_every_pipelined_request() {
     let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
     assert_eq!(statuses, [200, 200, 404]);
 }
+
+/// Regression (`bus`, `crash-find-overflow-at-top`): a 4096-byte write at
+/// port u64::MAX overflowed `offset + size` in `Bus::find` (a panic with
+/// overflow checks; without them the sum wrapped and an access far past
+/// a device could land in it). It must miss, like any access off a device.
+#[test]
+fn bus_access_at_the_top_of_the_address_space_misses() {
+    use std::sync::{Arc, Mutex};
+    use vmm::bus::Bus;
+    use vmm::devices::BusDevice;
+
+    struct Seen(usize);
+    impl BusDevice for Seen {
+        fn read(&mut self, _: u64, _: &mut [u8]) {
+            self.0 += 1;
+        }
+        fn write(&mut self, _: u64, _: &[u8]) {
+            self.0 += 1;
+        }
+    }
+    let device = Arc::new(Mutex::new(Seen(0)));
+    let mut bus = Bus::new();
+    bus.insert(0x600, 5, device.clone()).unwrap();
+    for width in [1, 8, 2560, 4096] {
+        for k in 0..8 {
+            let addr = u64::MAX - k;
+            assert!(!bus.write(addr, &vec![0; width]));
+            let mut data = vec![0; width];
+            assert!(!bus.read(addr, &mut data));
+            assert!(data.iter().all(|&b| b == 0xff));
+        }
+        // Where a wrapped sum would have landed inside the device.
+        let addr = 0x600u64.wrapping_sub(width as u64);
+        assert!(!bus.write(addr, &vec![0; width]));
+    }
+    assert_eq!(device.lock().unwrap().0, 0);
+}
