@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::agent::{decode, encode, DecodeError, GuestMessage, HostMessage, Line, LineDecoder};
 use crate::agent::{MAX_LINE, VERSION};
-use crate::mailbox::{segments, Inbound, Ring, Segment, CAPACITY, DOORBELL, RING_SIZE};
+use std::collections::VecDeque;
+
+use crate::mailbox::{segments, Inbound, Ring, Segment, CAPACITY, DOORBELL, RING_SIZE, WRAP};
 
 /// A fuzz input read as a sequence of decisions. Past its end every read
 /// gives zeros, so any byte string is a valid program.
@@ -304,21 +306,36 @@ impl Page {
     /// `None` if the counters are impossible.
     fn readable(&self) -> Option<Vec<u8>> {
         let (head, tail) = (self.head(), self.tail());
-        let used = head.wrapping_sub(tail);
-        (used <= CAPACITY).then(|| (0..used).map(|i| self.data(tail.wrapping_add(i))).collect())
+        if head >= WRAP || tail >= WRAP {
+            return None;
+        }
+        let used = if head >= tail {
+            head - tail
+        } else {
+            WRAP - tail + head
+        };
+        (used <= CAPACITY).then(|| (0..used).map(|i| self.data(advance(tail, i))).collect())
     }
 }
 
+/// `counter + by`, wrapping where the ring's counters wrap ([`WRAP`]).
+fn advance(counter: u32, by: u32) -> u32 {
+    let sum = (u64::from(counter) + u64::from(by)) % u64::from(WRAP);
+    u32::try_from(sum).expect("below WRAP")
+}
+
 /// A counter value a hostile peer picks: anything, or near the other
-/// counter (inside, at and just past the capacity), or near the wrap.
+/// counter (inside, at and just past the capacity), or near the wrap
+/// (the ring's, and 2^32).
 fn pick_counter(input: &mut Input<'_>, other: u32) -> u32 {
     let small = u32::from(input.u16());
-    match input.byte() % 6 {
+    match input.byte() % 7 {
         0 => input.u32(),
         1 => other.wrapping_add(small % (CAPACITY + 64)),
         2 => other.wrapping_sub(small % 64),
         3 => other.wrapping_add(CAPACITY),
         4 => u32::MAX - small % 64,
+        5 => WRAP - 1 - small % (CAPACITY + 64),
         _ => small,
     }
 }
@@ -343,6 +360,10 @@ pub fn mailbox(data: &[u8]) {
     }
     let mut inbound = Inbound::new();
     let mut model = ModelLines::default();
+    // The ring's contents while only the well-behaved producer and the
+    // consumer touched it (`None` once the peer wrote counters or data):
+    // what comes out must be exactly what went in.
+    let mut known = Some(VecDeque::new());
     let mut steps = 0;
     while !input.is_empty() && steps < 512 {
         steps += 1;
@@ -350,22 +371,27 @@ pub fn mailbox(data: &[u8]) {
             0 => {
                 let v = pick_counter(&mut input, page.tail());
                 page.set_head(v);
+                known = None;
             }
             1 => {
                 let v = pick_counter(&mut input, page.head());
                 page.set_tail(v);
+                known = None;
             }
             2 => {
                 let offset = usize::from(input.u16());
                 let bytes = input.bytes(RING_SIZE);
                 page.scribble(offset, bytes);
+                known = None;
             }
             3 => {
                 let bytes = input.bytes(2 * RING_SIZE);
-                check_push(&page, &peer, bytes);
+                check_push(&page, &peer, bytes, &mut known);
             }
             4 => {
                 let uart = input.bytes(4096);
+                let drains = uart.contains(&DOORBELL);
+                check_known(&page, &mut known, drains);
                 check_receive(&page, &ours, &mut inbound, &mut model, uart, true);
             }
             5 => {
@@ -374,6 +400,7 @@ pub fn mailbox(data: &[u8]) {
             }
             6 => {
                 // A consumer outside the inbound stream (the bytes are gone).
+                check_known(&page, &mut known, true);
                 let want = page.readable();
                 let head = page.head();
                 let mut out = Vec::new();
@@ -394,28 +421,56 @@ pub fn mailbox(data: &[u8]) {
                 assert_eq!(pending as usize, expected);
                 let _ = ours.has_magic();
             }
-            _ => ours.init(),
+            _ => {
+                ours.init();
+                known = Some(VecDeque::new());
+            }
         }
     }
 }
 
-fn check_push(page: &Page, peer: &Ring, bytes: &[u8]) {
+/// Before a consumer drains the ring: with only the well-behaved producer
+/// at work, it holds exactly the bytes pushed since the last drain (then
+/// none, after the drain).
+fn check_known(page: &Page, known: &mut Option<VecDeque<u8>>, drains: bool) {
+    if let Some(queue) = known.as_mut() {
+        let held = page
+            .readable()
+            .expect("a ring only the well-behaved sides touched is corrupt");
+        assert!(
+            held.iter().eq(queue.iter()),
+            "the ring does not hold what was pushed into it ({} bytes pushed, {} held)",
+            queue.len(),
+            held.len()
+        );
+        if drains {
+            queue.clear();
+        }
+    }
+}
+
+fn check_push(page: &Page, peer: &Ring, bytes: &[u8], known: &mut Option<VecDeque<u8>>) {
     let (head, tail) = (page.head(), page.tail());
-    let used = head.wrapping_sub(tail);
+    let sane = head < WRAP && tail < WRAP;
+    let used = if head >= tail {
+        head - tail
+    } else {
+        WRAP.wrapping_sub(tail).wrapping_add(head)
+    };
     match peer.push(bytes) {
         Ok(n) => {
-            assert!(used <= CAPACITY, "a push into a corrupt ring");
+            assert!(sane && used <= CAPACITY, "a push into a corrupt ring");
             let free = (CAPACITY - used) as usize;
             assert_eq!(n, bytes.len().min(free));
             let n32 = u32::try_from(n).expect("n <= CAPACITY");
-            assert_eq!(page.head(), head.wrapping_add(n32));
-            for (i, &b) in bytes[..n].iter().enumerate() {
-                let i = u32::try_from(i).expect("i < CAPACITY");
-                assert_eq!(page.data(head.wrapping_add(i)), b);
+            assert_eq!(page.head(), advance(head, n32));
+            if let Some(queue) = known.as_mut() {
+                queue.extend(&bytes[..n]);
             }
         }
         Err(_) => {
-            assert!(used > CAPACITY, "a push refused on a sane ring");
+            assert!(!sane || used > CAPACITY, "a push refused on a sane ring");
+            assert!(known.is_none(), "the well-behaved sides corrupted the ring");
             assert_eq!(page.head(), head, "a refused push moved the head");
         }
     }

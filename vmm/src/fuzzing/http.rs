@@ -205,6 +205,7 @@ fn options() -> ServerOptions {
 /// Serves `request` (raw bytes, any number of requests) on one connection
 /// and returns what came back. Panics if a check fails.
 pub fn serve_http(request: &[u8]) -> HttpExchange {
+    ignore_sigpipe();
     let started = Instant::now();
     let raw = RUNTIME.with(|rt| rt.block_on(exchange(request)));
     assert!(
@@ -227,7 +228,20 @@ pub fn serve_http(request: &[u8]) -> HttpExchange {
 /// parses.
 pub fn http(data: &[u8]) {
     super::install_logger();
+    ignore_sigpipe();
     let _ = serve_http(data);
+}
+
+/// As in the VMM (Rust's runtime ignores SIGPIPE before `main`; a fuzz
+/// target's `main` is libFuzzer's): a write to a closed socket fails with
+/// EPIPE instead of killing the process.
+fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no
+        // handler code; it is what the Rust runtime does for every binary.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    });
 }
 
 /// Polls of the runtime without progress (bytes either way, a request
