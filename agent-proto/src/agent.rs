@@ -322,6 +322,13 @@ impl LineDecoder {
         Self::default()
     }
 
+    /// Heap bytes held for the partial line (the fuzz targets' memory
+    /// bound).
+    #[doc(hidden)]
+    pub fn buffered_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Feeds bytes; returns the lines they completed.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<Line> {
         let mut out = Vec::new();

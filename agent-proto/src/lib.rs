@@ -19,6 +19,9 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+#[doc(hidden)]
+#[allow(unsafe_code)]
+pub mod fuzzing;
 #[allow(unsafe_code)]
 pub mod mailbox;
 pub mod workload;

@@ -16,10 +16,14 @@
 //! MAILBOX_GPA + 0           host -> guest ring (RING_SIZE bytes)
 //! MAILBOX_GPA + RING_SIZE   guest -> host ring
 //! ring: [0..8) MAGIC (written by the VMM at boot)
-//!       [8..12) head: bytes produced, wrapping u32 (producer writes)
-//!       [12..16) tail: bytes consumed, wrapping u32 (consumer writes)
+//!       [8..12) head: bytes produced, modulo WRAP (producer writes)
+//!       [12..16) tail: bytes consumed, modulo WRAP (consumer writes)
 //!       [64..RING_SIZE) data, byte i of the stream at 64 + i % CAPACITY
 //! ```
+//!
+//! The counters wrap at [`WRAP`], a multiple of [`CAPACITY`], not at 2^32
+//! (which the capacity does not divide): so byte `i` keeps its slot
+//! `i % CAPACITY` across the wrap.
 //!
 //! Ordering: within the stream, bytes before a doorbell on the UART come
 //! before the ring's bytes. The consumer drains the ring only where a
@@ -60,10 +64,24 @@ const DATA: usize = 64;
 #[allow(clippy::cast_possible_truncation)] // 16320 fits
 pub const CAPACITY: u32 = (RING_SIZE - DATA) as u32;
 
+/// Where the counters wrap: the largest multiple of [`CAPACITY`] a u32
+/// holds (`0xFFFF_FF00`). Wrapping at 2^32 instead put the bytes 256 apart
+/// around the wrap into one slot (2^32 % CAPACITY = 256), so a ring more
+/// than 256 bytes full across it lost data (found by the `mailbox` fuzz
+/// target).
+pub const WRAP: u32 = u32::MAX / CAPACITY * CAPACITY;
+
+/// `counter + by` modulo [`WRAP`].
+fn advance(counter: u32, by: u32) -> u32 {
+    let sum = (u64::from(counter) + u64::from(by)) % u64::from(WRAP);
+    // Below WRAP: fits.
+    u32::try_from(sum).unwrap_or(0)
+}
+
 /// A ring's counters do not describe a possible state.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum RingError {
-    /// head - tail exceeds the capacity.
+    /// head - tail exceeds the capacity, or a counter is not below [`WRAP`].
     #[error("mailbox ring corrupt: head {head}, tail {tail}")]
     Corrupt {
         /// Bytes produced.
@@ -133,9 +151,17 @@ impl Ring {
     }
 
     fn used(head: u32, tail: u32) -> Result<u32, RingError> {
-        let used = head.wrapping_sub(tail);
+        let corrupt = RingError::Corrupt { head, tail };
+        if head >= WRAP || tail >= WRAP {
+            return Err(corrupt);
+        }
+        let used = if head >= tail {
+            head - tail
+        } else {
+            WRAP - tail + head
+        };
         if used > CAPACITY {
-            return Err(RingError::Corrupt { head, tail });
+            return Err(corrupt);
         }
         Ok(used)
     }
@@ -152,13 +178,13 @@ impl Ring {
         let free = CAPACITY - Self::used(head, tail)?;
         let n = bytes.len().min(free as usize);
         for (i, b) in bytes[..n].iter().enumerate() {
-            let at = head.wrapping_add(u32::try_from(i).unwrap_or(u32::MAX));
+            let at = advance(head, u32::try_from(i).unwrap_or(u32::MAX));
             // SAFETY: a data slot of the mapped ring, not yet published to
             // the consumer (beyond head).
             unsafe { self.slot(at).write_volatile(*b) }
         }
         let n32 = u32::try_from(n).unwrap_or(0);
-        self.head().store(head.wrapping_add(n32), Ordering::Release);
+        self.head().store(advance(head, n32), Ordering::Release);
         Ok(n)
     }
 
@@ -170,7 +196,7 @@ impl Ring {
         out.reserve(used as usize);
         for i in 0..used {
             // SAFETY: a data slot the producer published (below head).
-            out.push(unsafe { self.slot(tail.wrapping_add(i)).read_volatile() });
+            out.push(unsafe { self.slot(advance(tail, i)).read_volatile() });
         }
         self.tail().store(head, Ordering::Release);
         Ok(used as usize)
@@ -246,6 +272,13 @@ impl Inbound {
     /// Nothing received yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Heap bytes held between calls: the partial line and the last
+    /// ring's bytes (the fuzz targets' memory bound).
+    #[doc(hidden)]
+    pub fn buffered_capacity(&self) -> usize {
+        self.decoder.buffered_capacity() + self.ring_bytes.capacity()
     }
 
     /// Decodes `bytes` read from the UART, draining `ring` at each doorbell.

@@ -37,6 +37,8 @@ pub mod channel;
 pub mod cmdline;
 pub mod console;
 pub mod event_loop;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod init;
 pub mod kmsg;

@@ -104,7 +104,10 @@ impl Bus {
         let i = self.entries.partition_point(|e| e.base <= addr);
         let e = self.entries.get(i.checked_sub(1)?)?;
         let offset = addr - e.base;
-        (offset + size as u64 <= e.len).then_some((e, offset))
+        // Checked: an access at the top of the address space must miss,
+        // not wrap around into the device (found by the `bus` fuzz target).
+        let end = offset.checked_add(u64::try_from(size).ok()?)?;
+        (end <= e.len).then_some((e, offset))
     }
 
     /// Reads from the device at `addr`. Returns false (and fills `data`

@@ -33,6 +33,8 @@ pub mod devices;
 pub mod event_loop;
 pub mod events;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hotplug;
 pub mod kvm_check;
 pub mod layout;

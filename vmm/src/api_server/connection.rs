@@ -202,7 +202,7 @@ async fn quiet_for(busy: &mut watch::Receiver<usize>, quiet: Duration) {
 
 /// Serve one connection until it closes, its bounds end it, or the server
 /// shuts down.
-async fn connection(
+pub(super) async fn connection(
     stream: UnixStream,
     state: Arc<ServerState>,
     mut closing: watch::Receiver<bool>,

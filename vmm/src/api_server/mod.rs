@@ -191,6 +191,28 @@ impl Drop for ApiServerHandle {
     }
 }
 
+/// Serves one connection on `stream` as the accept loop serves each
+/// client (the router, the connection's bounds), until it ends; no socket
+/// file, no connection cap. The fuzz target `http` serves raw request
+/// bytes through it in-process.
+#[doc(hidden)]
+pub async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    control: ControlSender,
+    metrics: Arc<ApiMetrics>,
+    options: ServerOptions,
+) {
+    let state = Arc::new(ServerState {
+        control,
+        metrics,
+        options,
+        waiters: Arc::new(Semaphore::new(options.max_waiters)),
+    });
+    // Never closing: the connection ends by itself.
+    let (_closing, closing) = tokio::sync::watch::channel(false);
+    connection::connection(stream, state, closing).await;
+}
+
 /// Serve the API on `socket_path` with default options.
 pub fn start(
     socket_path: &Path,

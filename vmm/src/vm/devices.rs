@@ -75,6 +75,18 @@ pub struct HotplugAdapter {
 }
 
 impl HotplugAdapter {
+    /// The register block `controller`, its guest-driven events queued on
+    /// `events`, as [`Devices::new`] places it (the fuzz targets build one
+    /// without KVM).
+    #[doc(hidden)]
+    pub fn new(controller: CpuHotplugController, events: EventSender) -> Self {
+        Self {
+            controller,
+            events,
+            ignored: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
     /// The model's ignored accesses plus refused ejects, readable without
     /// the adapter's lock.
     pub fn ignored_accesses(&self) -> Arc<AtomicU64> {
@@ -119,6 +131,17 @@ pub struct GedAdapter {
 }
 
 impl GedAdapter {
+    /// A GED raising `irq`, as [`Devices::new`] places it (the fuzz
+    /// targets build one without KVM).
+    #[doc(hidden)]
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            model: Ged::new(),
+            irq,
+            irq_errors: 0,
+        }
+    }
+
     /// Records a CPU hotplug event and raises the GED interrupt.
     pub fn notify_cpu_change(&mut self) {
         if self.model.notify(EVENT_CPU_HOTPLUG) && self.irq.write(1).is_err() {
