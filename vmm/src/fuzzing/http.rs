@@ -127,6 +127,7 @@ impl FakeVmm {
             memory_mib: 512,
             agent_connected: Some(true),
             agent_version: Some("fuzz".into()),
+            workload: None,
         }
     }
 

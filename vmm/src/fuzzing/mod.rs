@@ -1,6 +1,6 @@
 //! Fuzz target bodies for what a guest or an API client can send the VMM:
-//! the agent channel's VMM end ([`agent_sink`]), the buses with every
-//! device model ([`bus`]) and the HTTP API ([`http`]).
+//! the agent channel's VMM end (`agent_sink`), the buses with every
+//! device model (`bus`) and the HTTP API (`http`).
 //!
 //! Each body takes raw bytes, reads them as a small program ([`Input`]),
 //! runs it against the real code (no KVM) and asserts the invariants; a
