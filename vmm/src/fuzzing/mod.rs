@@ -20,82 +20,8 @@ pub use agent::agent_sink;
 pub use bus::bus;
 pub use http::{http, serve_http, Answer, HttpExchange};
 
-/// A fuzz input read as a sequence of decisions. Past its end every read
-/// gives zeros, so any byte string is a valid program.
-#[derive(Debug, Clone)]
-pub struct Input<'a> {
-    data: &'a [u8],
-}
-
-impl<'a> Input<'a> {
-    /// Reads `data` from its start.
-    pub fn new(data: &'a [u8]) -> Self {
-        Self { data }
-    }
-
-    /// Whether everything was read.
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-
-    /// The next byte (0 past the end).
-    pub fn byte(&mut self) -> u8 {
-        match self.data.split_first() {
-            Some((&b, rest)) => {
-                self.data = rest;
-                b
-            }
-            None => 0,
-        }
-    }
-
-    /// A little-endian u16.
-    pub fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.byte(), self.byte()])
-    }
-
-    /// A little-endian u32.
-    pub fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()])
-    }
-
-    /// A little-endian u64.
-    pub fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | (u64::from(self.u32()) << 32)
-    }
-
-    /// One bit.
-    pub fn bool(&mut self) -> bool {
-        self.byte() & 1 == 1
-    }
-
-    /// A number below `n` (0 if `n` is 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            return 0;
-        }
-        let raw = if n <= 256 {
-            usize::from(self.byte())
-        } else {
-            usize::from(self.u16())
-        };
-        raw % n
-    }
-
-    /// At most `max` bytes, length first (two bytes).
-    pub fn bytes(&mut self, max: usize) -> &'a [u8] {
-        let want = usize::from(self.u16()).min(max);
-        let n = want.min(self.data.len());
-        let (taken, rest) = self.data.split_at(n);
-        self.data = rest;
-        taken
-    }
-
-    /// Everything left.
-    pub fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.data)
-    }
-}
+/// The fuzz input reader, shared with the protocol crate's targets.
+pub use agent_proto::fuzzing::Input;
 
 /// Formats every record and checks that it carries no raw control
 /// characters (guest text is escaped before it is logged).
