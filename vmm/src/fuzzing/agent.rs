@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use api::agent::{decode, encode, Fault, GuestMessage, HostMessage};
-use api::mailbox::{Ring, CAPACITY, DOORBELL, MAILBOX_SIZE, RING_SIZE, TO_GUEST, TO_HOST};
+use api::mailbox::{Ring, CAPACITY, DOORBELL, MAILBOX_SIZE, RING_SIZE, TO_GUEST, TO_HOST, WRAP};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::{install_logger, Input};
@@ -77,12 +77,19 @@ impl GuestSide {
     fn readable(self, ring: usize) -> Option<Vec<u8>> {
         let head = self.counter(ring, 8).load(Ordering::Acquire);
         let tail = self.counter(ring, 12).load(Ordering::Acquire);
-        let used = head.wrapping_sub(tail);
-        (used <= CAPACITY).then(|| {
-            (0..used)
-                .map(|i| self.data(ring, tail.wrapping_add(i)))
-                .collect()
-        })
+        if head >= WRAP || tail >= WRAP {
+            return None;
+        }
+        let used = if head >= tail {
+            head - tail
+        } else {
+            WRAP - tail + head
+        };
+        let index = |i: u32| {
+            let at = (u64::from(tail) + u64::from(i)) % u64::from(WRAP);
+            u32::try_from(at).expect("below WRAP")
+        };
+        (used <= CAPACITY).then(|| (0..used).map(|i| self.data(ring, index(i))).collect())
     }
 
     /// A raw write of `bytes` at `offset` of the mailbox, counters excepted.
@@ -180,10 +187,11 @@ pub fn agent_sink(data: &[u8]) {
                 let which = if input.bool() { 8 } else { 12 };
                 let other = guest.counter(ring, 20 - which).load(Ordering::Relaxed);
                 let small = u32::from(input.u16());
-                let value = match input.byte() % 4 {
+                let value = match input.byte() % 5 {
                     0 => input.u32(),
                     1 => other.wrapping_add(small % (CAPACITY + 64)),
                     2 => other.wrapping_sub(small % 64),
+                    3 => WRAP - 1 - small % (CAPACITY + 64),
                     _ => u32::MAX - small % 64,
                 };
                 guest.counter(ring, which).store(value, Ordering::Release);
