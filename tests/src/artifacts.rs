@@ -12,6 +12,27 @@ use crate::error::{Error, Result};
 /// default; stated so that it is visible in the job description).
 pub const KVM_AMD_PARAMS: &str = "nested=1";
 
+/// Extra `kvm-amd` parameters for experiments with the emulated host's
+/// configuration (e.g. `npt=0 vgif=0`), appended to [`KVM_AMD_PARAMS`].
+pub const KVM_AMD_PARAMS_ENV: &str = "E2E_KVM_AMD_PARAMS";
+
+/// `kvm-amd`'s parameters: [`KVM_AMD_PARAMS`] and then `extra` (a later
+/// parameter overrides an earlier one when the module loads). Only
+/// `name=value` words of `[a-z_]` names and `[0-9A-Za-z_]` values pass.
+fn kvm_amd_params(extra: Option<&str>) -> String {
+    let valid = |w: &&str| {
+        w.split_once('=').is_some_and(|(k, v)| {
+            !k.is_empty()
+                && !v.is_empty()
+                && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+    };
+    let mut words = vec![KVM_AMD_PARAMS];
+    words.extend(extra.unwrap_or_default().split_whitespace().filter(valid));
+    words.join(" ")
+}
+
 /// The guest's files.
 #[derive(Debug, Clone)]
 pub struct GuestFiles {
@@ -56,11 +77,11 @@ pub fn host_image() -> Result<HostImage> {
                 source: format!("{name}.ko not found under {}", kernel.modules.display()).into(),
             })?;
             let params = if name == "kvm-amd" {
-                KVM_AMD_PARAMS
+                kvm_amd_params(std::env::var(KVM_AMD_PARAMS_ENV).ok().as_deref())
             } else {
-                ""
+                String::new()
             };
-            modules.push((path, params.to_string()));
+            modules.push((path, params));
         }
         let init =
             resources::build_static("e2e", "testhost-init").map_err(artifact("testhost-init"))?;
@@ -102,4 +123,22 @@ pub fn vmm_binary() -> Result<PathBuf> {
         }
         resources::build_static("vmm", "vmm").map_err(artifact("the vmm binary"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_amd_params_take_valid_extras_only() {
+        assert_eq!(kvm_amd_params(None), "nested=1");
+        assert_eq!(
+            kvm_amd_params(Some(" npt=0  vgif=0 ")),
+            "nested=1 npt=0 vgif=0"
+        );
+        assert_eq!(
+            kvm_amd_params(Some("npt=0 x;reboot=1 =1 avic= nrips=0")),
+            "nested=1 npt=0 nrips=0"
+        );
+    }
 }

@@ -54,6 +54,10 @@ struct Args {
     /// RSS growth allowed from start to end, MiB.
     #[arg(long, default_value_t = 1)]
     rss_slack_mib: u64,
+    /// Which steps: `any` (add, remove and resize alike) or `resize`
+    /// (resizes only, the heaviest churn for the emulated host).
+    #[arg(long, default_value = "any", value_parser = ["any", "resize"])]
+    mix: String,
 }
 
 /// The VMM's own figures, from its metrics (`rss`: the process's resident
@@ -90,7 +94,10 @@ enum Step {
     Resize(u32),
 }
 
-fn pick(rng: &mut StdRng, max: u32) -> Step {
+fn pick(rng: &mut StdRng, max: u32, resize_only: bool) -> Step {
+    if resize_only {
+        return Step::Resize(rng.gen_range(1..=max));
+    }
     match rng.gen_range(0..3) {
         0 => Step::Add(rng.gen_range(1..max)),
         1 => Step::Remove(rng.gen_range(1..max)),
@@ -175,7 +182,7 @@ fn soak_vm(
     report("start", first, start, 1, lat);
     let mut step = first;
     while step < args.steps {
-        let s = pick(rng, args.max);
+        let s = pick(rng, args.max, args.mix == "resize");
         let t = Instant::now();
         let outcome = run_step(&client, s, wait);
         let ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -274,7 +281,10 @@ fn main() -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs())
     });
-    println!("SOAK seed={seed} steps={} max={}", args.steps, args.max);
+    println!(
+        "SOAK seed={seed} steps={} max={} mix={}",
+        args.steps, args.max, args.mix
+    );
     let mut rng = StdRng::seed_from_u64(seed);
     let spec = VmSpec::new(1, args.max).timeout(Duration::from_secs(
         600 + u64::from(args.steps) * (args.step_timeout + 10),
@@ -284,6 +294,11 @@ fn main() -> Result<()> {
     let mut retries = 0;
     loop {
         let mut vm = e2e::launch(&spec).context("launch the VM")?;
+        // The emulated host's configuration (its kvm-amd features), if any.
+        let log = vm.console_log();
+        if let Some(ready) = log.lines().find(|l| l.contains(e2e::job::READY)) {
+            println!("SOAK host {}", ready.trim().escape_debug());
+        }
         let life = soak_vm(
             &mut vm,
             &args,

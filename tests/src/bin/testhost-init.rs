@@ -112,9 +112,17 @@ fn run() -> Result<()> {
     let _idle_vm = kvm
         .create_vm()
         .context("stage=kvm cannot create the idle VM")?;
-    let nested = std::fs::read_to_string("/sys/module/kvm_amd/parameters/nested")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
+    // The SVM features the module ended up with (parameters it was given
+    // or its defaults), so that every log says which configuration ran.
+    let svm: Vec<String> = ["nested", "npt", "nrips", "vgif", "avic", "vls", "lbrv"]
+        .iter()
+        .map(|p| {
+            let v = std::fs::read_to_string(format!("/sys/module/kvm_amd/parameters/{p}"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".into());
+            format!("{p}={v}")
+        })
+        .collect();
 
     // The multiplexer's handle lives until power-off with the tty.
     let forward = match &job.api_socket {
@@ -122,10 +130,11 @@ fn run() -> Result<()> {
         None => None,
     };
     say(&format!(
-        "{} init_ms={init_ms} modules_ms={modules_ms} ready_ms={} kvm_api={} nested={nested}",
+        "{} init_ms={init_ms} modules_ms={modules_ms} ready_ms={} kvm_api={} {}",
         job::READY,
         uptime_ms(),
-        kvm.get_api_version()
+        kvm.get_api_version(),
+        svm.join(" ")
     ));
 
     let t = Instant::now();
