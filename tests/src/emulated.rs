@@ -154,18 +154,29 @@ pub fn write_initramfs(out: &Path, image: &HostImage, payload: &Payload) -> Resu
     .ctx(|| format!("cannot write {}", out.display()))
 }
 
+/// The outer QEMU's own log of its CPUs' resets (with the registers at
+/// the reset) and of what it calls guest errors (a triple fault among
+/// them): the emulated host's failures leave their account here.
+pub const QEMU_DEBUG_LOG: &str = "qemu-debug.log";
+/// What the outer QEMU logs into [`QEMU_DEBUG_LOG`].
+const QEMU_DEBUG_ITEMS: &str = "cpu_reset,guest_errors";
+
 /// The outer QEMU's command line. Serial ports: ttyS0 the emulated host's
 /// kernel console (`kcon` socket), ttyS1 the API forward (`link` socket),
-/// ttyS2 the console of `testhost-init` and the job (stdio).
+/// ttyS2 the console of `testhost-init` and the job (stdio). Its own log
+/// goes to `debug_log`.
 pub fn qemu_command(
     cfg: &QemuConfig,
     kernel: &Path,
     initrd: &Path,
-    kcon: &Path,
-    link: &Path,
+    sockets: (&Path, &Path),
+    debug_log: &Path,
 ) -> Command {
+    let (kcon, link) = sockets;
     let mut cmd = Command::new(&cfg.binary);
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args(["-d", QEMU_DEBUG_ITEMS, "-D"])
+        .arg(debug_log)
         .args(["-m", &cfg.memory, "-smp", &cfg.cpus.to_string()])
         .args([
             "-nodefaults",
@@ -201,6 +212,8 @@ pub struct EmulatedHost {
     timings: HostTimings,
     /// `testhost-init` ends the job (and says so) after this long.
     job_timeout: Duration,
+    /// The outer QEMU's own log ([`QEMU_DEBUG_LOG`]).
+    debug_log: PathBuf,
 }
 
 /// How long past the job's own bound `testhost-init` has to report it.
@@ -240,7 +253,14 @@ impl EmulatedHost {
         };
         // Until the forwarder owns it, a failed boot removes the socket file.
         let socket_guard = RemoveOnDrop(api_socket.map(Path::to_path_buf));
-        let mut cmd = qemu_command(cfg, &image.kernel, &initrd, &kcon_path, &link_path);
+        let debug_log = workdir.join(QEMU_DEBUG_LOG);
+        let mut cmd = qemu_command(
+            cfg,
+            &image.kernel,
+            &initrd,
+            (&kcon_path, &link_path),
+            &debug_log,
+        );
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -288,6 +308,7 @@ impl EmulatedHost {
             forwarder,
             timings: HostTimings::default(),
             job_timeout: payload.timeout,
+            debug_log,
         };
         host.wait_ready()?;
         Ok(host)
@@ -348,8 +369,16 @@ impl EmulatedHost {
         let lines = self.console.lines();
         let texts = lines.iter().map(|l| l.text.as_str());
         match job::outcome(texts, false, self.console.closed()) {
-            job::Outcome::HostFailed(why) => Some(why),
+            job::Outcome::HostFailed(why) => Some(self.with_qemu_account(why)),
             _ => None,
+        }
+    }
+
+    /// `why`, and what the outer QEMU logged of it, if anything.
+    fn with_qemu_account(&self, why: String) -> String {
+        match qemu_account(&self.debug_log) {
+            Some(account) => format!("{why}; the outer QEMU: {account}"),
+            None => why,
         }
     }
 
@@ -366,8 +395,10 @@ impl EmulatedHost {
         match job::outcome(lines.iter().map(|l| l.text.as_str()), false, true) {
             job::Outcome::Done(status) => Ok(Some(status.unwrap_or(-1))),
             job::Outcome::Error(line) => Err(Error::Testhost(line)),
-            job::Outcome::HostFailed(why) => Err(Error::HostFailed(why)),
-            job::Outcome::Running => Err(Error::HostFailed("QEMU exited".into())),
+            job::Outcome::HostFailed(why) => Err(Error::HostFailed(self.with_qemu_account(why))),
+            job::Outcome::Running => Err(Error::HostFailed(
+                self.with_qemu_account("QEMU exited".into()),
+            )),
         }
     }
 
@@ -501,6 +532,43 @@ impl Drop for WorkDir {
     }
 }
 
+/// The outer QEMU's account of a failure, from its [`QEMU_DEBUG_LOG`]:
+/// its last few messages that are not register dumps ("Triple fault", a
+/// guest error), escaped, newest last; `None` if it logged none. Reads at
+/// most the log's last 64 KiB.
+pub fn qemu_account(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 64 << 10;
+    let mut file = std::fs::File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(TAIL))).ok()?;
+    let mut bytes = Vec::new();
+    file.take(TAIL).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    // Register dumps are `NAME=value` lines (`RAX=`, `ES =`, `CR0=`, ...).
+    let dump = |l: &str| l.find('=').is_some_and(|i| i <= 5);
+    let mut said: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !dump(l) && !l.starts_with("CPU Reset"))
+        .collect();
+    said.dedup();
+    let start = said.len().saturating_sub(3);
+    let said = &said[start..];
+    (!said.is_empty()).then(|| {
+        said.iter()
+            .map(|l| {
+                l.chars()
+                    .take(200)
+                    .collect::<String>()
+                    .escape_debug()
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(" | ")
+    })
+}
+
 /// A wait of `waited` for `TESTHOST-EXIT` that saw neither it nor
 /// `TESTHOST-ERROR`: when that is longer than the job's own bound plus
 /// `JOB_REPORT_GRACE`, `testhost-init` (which ends a job at its bound and
@@ -527,5 +595,29 @@ mod silent_tests {
         let s = Duration::from_secs;
         assert!(silent_host(s(120), s(60)).is_some());
         assert!(silent_host(s(80), s(60)).is_none());
+    }
+
+    #[test]
+    fn the_outer_qemus_account_skips_register_dumps() {
+        let dir = std::env::temp_dir().join(format!("qemu-account-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(QEMU_DEBUG_LOG);
+        assert_eq!(qemu_account(&log), None, "no log");
+        std::fs::write(
+            &log,
+            "CPU Reset (CPU 0)\nRAX=0000 RBX=0000\nES =0000 00000000\nCR0=60000010\n\n",
+        )
+        .unwrap();
+        assert_eq!(qemu_account(&log), None, "boot resets only");
+        std::fs::write(
+            &log,
+            "CPU Reset (CPU 1)\nRAX=0000\nwrite to unknown port 0x80\x1b[2J\nTriple fault\nTriple fault\n",
+        )
+        .unwrap();
+        assert_eq!(
+            qemu_account(&log).as_deref(),
+            Some("write to unknown port 0x80\\u{1b}[2J | Triple fault")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
