@@ -194,7 +194,9 @@ fn errors_without_touching_the_guest(vm: &RunningVm, client: &BlockingClient) ->
     expect_status(client, Method::GET, "/api/v1/nothing", None, 404)?;
     expect_status(client, Method::GET, "/api/v1/operations/999999", None, 404)?;
     std::thread::sleep(Duration::from_secs(2));
-    let touched: Vec<_> = vm.console().lines()[mark..]
+    let touched: Vec<_> = vm
+        .console()
+        .lines_from(mark)
         .iter()
         .filter(|l| l.text.contains("GUEST-CPU"))
         .map(|l| l.text.clone())

@@ -166,9 +166,17 @@ pub fn run(
     let mut mark = 0;
     let deadline = cfg.timeout.map(|t| Instant::now() + t);
     loop {
-        let lines = vm.console().lines_from(mark);
-        mark += lines.len();
-        for line in &lines {
+        let follow = vm.console().follow(mark);
+        mark = follow.next;
+        if follow.missed > 0 {
+            sink.note(&format!(
+                "{} console lines were dropped before they could be read (the launcher keeps \
+                 at most {} lines)",
+                follow.missed,
+                crate::console::KEEP_LINES
+            ));
+        }
+        for line in &follow.lines {
             route(&line.text, cfg, &vm, &tx, &mut st, sink);
         }
         while let Ok(event) = rx.try_recv() {
