@@ -67,6 +67,7 @@ use smpboot::{
 use thiserror::Error;
 
 use crate::cmdline::Options;
+use crate::hooks::HookEvent;
 use crate::ids::IdMap;
 use crate::init::MountError;
 use crate::sysfs::{CpuList, SysfsError};
@@ -129,6 +130,8 @@ pub struct Outbox {
     pub host: Vec<GuestMessage>,
     /// Console lines, in order.
     pub console: Vec<String>,
+    /// CPU events for the user's hook ([`crate::hooks`]), in order.
+    pub hooks: Vec<HookEvent>,
 }
 
 /// How the agent is set up besides its options.
@@ -413,6 +416,13 @@ impl Agent {
             self.ids.forget(event.cpu);
             self.learn(event.cpu);
         }
+        // The hook's event, before a removal forgets the vCPU id.
+        let vcpu = self.id_of(event.cpu);
+        self.out.hooks.push(HookEvent {
+            kind: event.kind.into(),
+            cpu: event.cpu,
+            vcpu,
+        });
         match event.kind {
             CpuEventKind::Added if self.opts.autoonline => match self.topo.is_online(event.cpu) {
                 Ok(false) => self.bring_up(event.cpu),
