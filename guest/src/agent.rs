@@ -416,13 +416,10 @@ impl Agent {
             self.ids.forget(event.cpu);
             self.learn(event.cpu);
         }
-        // The hook's event, before a removal forgets the vCPU id.
-        let vcpu = self.id_of(event.cpu);
-        self.out.hooks.push(HookEvent {
-            kind: event.kind.into(),
-            cpu: event.cpu,
-            vcpu,
-        });
+        // A removal forgets the vCPU id: the hook's is read first.
+        let removed = (event.kind == CpuEventKind::Removed)
+            .then(|| self.ids.id(event.cpu))
+            .flatten();
         match event.kind {
             CpuEventKind::Added if self.opts.autoonline => match self.topo.is_online(event.cpu) {
                 Ok(false) => self.bring_up(event.cpu),
@@ -437,6 +434,17 @@ impl Agent {
                 self.ids.forget(event.cpu);
             }
         }
+        // After the event's handling: a hot-added CPU's firmware node (its
+        // vCPU id) may appear just after its `add` uevent.
+        let vcpu = match event.kind {
+            CpuEventKind::Removed => removed,
+            _ => self.id_of(event.cpu),
+        };
+        self.out.hooks.push(HookEvent {
+            kind: event.kind.into(),
+            cpu: event.cpu,
+            vcpu,
+        });
     }
 
     /// Prepares the registry for `cpu` and writes 1 to its `online`, under
