@@ -263,4 +263,19 @@ mod tests {
             ("busybox-static=1", "cache")
         );
     }
+
+    /// Network: `cargo test -p resources -- --ignored fetches_busybox`
+    /// (`HOTPLUG_KERNEL_FETCH=direct` for the signed-index path).
+    #[test]
+    #[ignore = "downloads busybox-static from Debian"]
+    fn fetches_busybox() {
+        let dir = crate::cache::tests::test_dir("busybox-fetch");
+        let bb = ensure_busybox_in(dir.path()).unwrap();
+        assert!(bb.package.starts_with("busybox-static="), "{bb:?}");
+        let data = fs::read(&bb.path).unwrap();
+        assert!(data.starts_with(b"\x7fELF"));
+        // A second call reuses the unpacked binary.
+        let again = ensure_busybox_in(dir.path()).unwrap();
+        assert_eq!((again.path, again.package), (bb.path, bb.package));
+    }
 }
