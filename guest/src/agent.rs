@@ -67,6 +67,7 @@ use smpboot::{
 use thiserror::Error;
 
 use crate::cmdline::Options;
+use crate::hooks::HookEvent;
 use crate::ids::IdMap;
 use crate::init::MountError;
 use crate::sysfs::{CpuList, SysfsError};
@@ -129,6 +130,8 @@ pub struct Outbox {
     pub host: Vec<GuestMessage>,
     /// Console lines, in order.
     pub console: Vec<String>,
+    /// CPU events for the user's hook ([`crate::hooks`]), in order.
+    pub hooks: Vec<HookEvent>,
 }
 
 /// How the agent is set up besides its options.
@@ -413,6 +416,10 @@ impl Agent {
             self.ids.forget(event.cpu);
             self.learn(event.cpu);
         }
+        // A removal forgets the vCPU id: the hook's is read first.
+        let removed = (event.kind == CpuEventKind::Removed)
+            .then(|| self.ids.id(event.cpu))
+            .flatten();
         match event.kind {
             CpuEventKind::Added if self.opts.autoonline => match self.topo.is_online(event.cpu) {
                 Ok(false) => self.bring_up(event.cpu),
@@ -427,6 +434,17 @@ impl Agent {
                 self.ids.forget(event.cpu);
             }
         }
+        // After the event's handling: a hot-added CPU's firmware node (its
+        // vCPU id) may appear just after its `add` uevent.
+        let vcpu = match event.kind {
+            CpuEventKind::Removed => removed,
+            _ => self.id_of(event.cpu),
+        };
+        self.out.hooks.push(HookEvent {
+            kind: event.kind.into(),
+            cpu: event.cpu,
+            vcpu,
+        });
     }
 
     /// Prepares the registry for `cpu` and writes 1 to its `online`, under

@@ -563,3 +563,27 @@ fn reasons_name_the_errno() {
 
 #[path = "agent_ids_tests.rs"]
 mod ids;
+
+#[test]
+fn every_cpu_event_goes_to_the_hook_with_its_vcpu_id() {
+    use crate::hooks::HookEventKind as K;
+    let mut r = booted("hookevents");
+    let hook = |kind, cpu, vcpu| HookEvent {
+        kind,
+        cpu,
+        vcpu: Some(vcpu),
+    };
+    // vCPU 6 arrives as cpu2.
+    r.hot_add_as(2, 6);
+    assert_eq!(r.handle().hooks, [hook(K::Add, 2, 6)]);
+    r.kernel_online(2);
+    assert_eq!(r.handle().hooks, [hook(K::Online, 2, 6)]);
+    // The VMM's removal: the agent's own offline shows as the uevent.
+    let out = r.host(HostMessage::PrepareRemove { cpu: 6 });
+    assert!(out.hooks.is_empty(), "{out:?}");
+    r.kernel_offline(2);
+    assert_eq!(r.handle().hooks, [hook(K::Offline, 2, 6)]);
+    // The id is still known when the device is gone.
+    r.kernel_remove(2);
+    assert_eq!(r.handle().hooks, [hook(K::Remove, 2, 6)]);
+}

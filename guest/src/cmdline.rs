@@ -12,6 +12,7 @@
 //! | `agent.trace`          | timestamped `GUEST-TRACE` lines per CPU event (debug) |
 //! | `agent.load=N`         | work items per second the load generator spreads (default 20, 0: none) |
 //! | `agent.readonly`       | never write a CPU's `online` file (default when run by hand) |
+//! | `agent.hook=CMD`       | run `/bin/sh -c CMD` on every CPU event (`crate::hooks`); quote it for spaces: `agent.hook="logger cpu"` |
 
 use std::fmt;
 
@@ -45,6 +46,9 @@ pub struct Options {
     /// `agent.mailbox=` (default on): talk to the VMM through its shared
     /// memory mailbox when it serves one (`agent_proto::mailbox`); off: UART bytes only.
     pub mailbox: bool,
+    /// `agent.hook=`: the command run on every CPU event
+    /// ([`crate::hooks`]); `--hook` overrides it.
+    pub hook: Option<String>,
     /// `agent.*` parameters that were not understood, verbatim.
     pub unknown: Vec<String>,
 }
@@ -59,6 +63,7 @@ impl Default for Options {
             load: DEFAULT_LOAD,
             readonly: false,
             mailbox: true,
+            hook: None,
             unknown: Vec::new(),
         }
     }
@@ -136,6 +141,17 @@ impl Options {
                 "trace" => parse_bool(value).map(|b| opts.trace = b).is_some(),
                 "readonly" => parse_bool(value).map(|b| opts.readonly = b).is_some(),
                 "mailbox" => parse_bool(value).map(|b| opts.mailbox = b).is_some(),
+                "hook" => match value {
+                    Some("") => {
+                        opts.hook = None;
+                        true
+                    }
+                    Some(cmd) if !cmd.contains('\0') => {
+                        opts.hook = Some(cmd.to_owned());
+                        true
+                    }
+                    _ => false,
+                },
                 "load" => value
                     .and_then(|v| v.parse::<u64>().ok())
                     .filter(|&n| n <= MAX_LOAD)
@@ -170,6 +186,9 @@ impl fmt::Display for Options {
             self.load,
             u8::from(self.readonly)
         )?;
+        if let Some(hook) = &self.hook {
+            write!(f, " hook={hook:?}")?;
+        }
         if !self.unknown.is_empty() {
             write!(f, " unknown={}", self.unknown.join(","))?;
         }
@@ -224,6 +243,18 @@ mod tests {
         let o = Options::parse("agent.load=-1 agent.load=x agent.load agent.load=100001");
         assert_eq!(o.load, DEFAULT_LOAD);
         assert_eq!(o.unknown.len(), 4);
+    }
+
+    #[test]
+    fn parses_the_hook() {
+        let o = Options::parse("agent.hook=\"logger -t cpu\" quiet");
+        assert_eq!(o.hook.as_deref(), Some("logger -t cpu"));
+        assert!(o.unknown.is_empty());
+        assert!(o.to_string().ends_with(" hook=\"logger -t cpu\""), "{o}");
+        // A later empty value turns it off; a bare `agent.hook` is not understood.
+        let o = Options::parse("agent.hook=/bin/h agent.hook= agent.hook");
+        assert_eq!(o.hook, None);
+        assert_eq!(o.unknown, ["agent.hook"]);
     }
 
     #[test]

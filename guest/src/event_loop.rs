@@ -5,6 +5,9 @@
 //! With a workload ([`crate::workload`]) the loop also polls its output
 //! pipes, forwards its lines, reaps it, and powers off once it ended.
 //!
+//! With a hook ([`crate::hooks`]) the loop hands it every CPU event the
+//! agent saw, reaps its runs and kills the ones past their timeout.
+//!
 //! Writing a CPU's `online` file blocks until the kernel is done with it,
 //! which orders the agent's reports after the kernel's work. Everything
 //! else is non-blocking; the channel's queued output is written as the
@@ -22,6 +25,7 @@ use crate::agent::{Agent, AgentConfig, AgentError, Exit};
 use crate::channel::{self, Channel};
 use crate::cmdline::{Options, PowerOffWhen};
 use crate::console::say;
+use crate::hooks::{HookRunner, Limits};
 use crate::init::{self, Signal, Signals};
 use crate::kmsg;
 use crate::last_words;
@@ -34,6 +38,60 @@ use crate::workload::{self, Workload};
 /// How long the agent waits for its last messages (the workload's exit)
 /// to leave the guest before it powers off.
 const DRAIN_BEFORE_POWEROFF: Duration = Duration::from_secs(5);
+
+/// How the agent was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// PID 1 of the guest (its `/init`): mounts the kernel file systems,
+    /// talks to the VMM on ttyS1, runs the workload, powers off at the end.
+    Init,
+    /// A service of a guest with its own init (`--service`): mounts
+    /// nothing, talks to the VMM on ttyS1 (or `--channel`), onlines CPUs,
+    /// runs no load unless `agent.load=` asks (default 0), and exits with
+    /// status 0 on SIGTERM/SIGINT instead of powering off.
+    Service,
+    /// Run by hand: mounts nothing, opens no channel unless given one,
+    /// writes nothing to sysfs unless the options say so
+    /// (`agent.autoonline=0 agent.readonly=1` come first).
+    Hand,
+}
+
+impl Mode {
+    /// `Init` as PID 1, else `Service` if asked for, else `Hand`.
+    pub fn detect(service: bool) -> Self {
+        if init::is_pid1() {
+            Mode::Init
+        } else if service {
+            Mode::Service
+        } else {
+            Mode::Hand
+        }
+    }
+
+    /// Options put before the command line's (a later option overrides).
+    pub fn default_options(self) -> &'static str {
+        match self {
+            Mode::Init => "",
+            // The guest's own work runs there: no synthetic load.
+            Mode::Service => "agent.load=0 ",
+            // On a host, touch no CPU unless asked.
+            Mode::Hand => "agent.autoonline=0 agent.readonly=1 ",
+        }
+    }
+}
+
+/// What [`run`] is told besides the kernel command line.
+#[derive(Debug, Clone, Copy)]
+pub struct RunConfig<'a> {
+    /// How the agent was started.
+    pub mode: Mode,
+    /// `agent.*` options instead of `/proc/cmdline`'s.
+    pub cmdline: Option<&'a str>,
+    /// The VMM channel instead of the mode's default.
+    pub channel: Option<&'a Path>,
+    /// The hook command (overrides `agent.hook=`).
+    pub hook: Option<&'a str>,
+}
 
 /// Which descriptors were readable.
 #[derive(Debug, Default, Clone, Copy)]
@@ -111,8 +169,9 @@ fn wait(
 
 /// Sends the agent's messages, then prints its console lines: the VMM is
 /// waiting on the messages (an operation completes on them), while a
-/// console line costs ~15 ms of UART exits when nested.
-fn drain(agent: &mut Agent, channel: &mut Option<Channel>) {
+/// console line costs ~15 ms of UART exits when nested. Then hands the
+/// CPU events to the hook, if there is one.
+fn drain(agent: &mut Agent, channel: &mut Option<Channel>, hooks: &mut Option<HookRunner>) {
     let out = agent.take_output();
     if let Some(ch) = channel {
         for msg in &out.host {
@@ -122,6 +181,19 @@ fn drain(agent: &mut Agent, channel: &mut Option<Channel>) {
     flush(channel);
     for line in &out.console {
         say(line);
+    }
+    if let Some(runner) = hooks {
+        let now = Instant::now();
+        for event in out.hooks {
+            runner.submit(event, now);
+        }
+        say_hook_notes(runner);
+    }
+}
+
+fn say_hook_notes(runner: &mut HookRunner) {
+    for line in runner.take_notes() {
+        say(&line);
     }
 }
 
@@ -141,7 +213,11 @@ fn flush(channel: &mut Option<Channel>) {
 /// Each line's answer goes out before the next line is acted on: the VMM
 /// may have sent several prepare requests, each offline takes a while, and
 /// the VMM times every answer.
-fn receive(agent: &mut Agent, channel: &mut Option<Channel>) -> Option<Exit> {
+fn receive(
+    agent: &mut Agent,
+    channel: &mut Option<Channel>,
+    hooks: &mut Option<HookRunner>,
+) -> Option<Exit> {
     let ch = channel.as_mut()?;
     match ch.read_lines() {
         Ok(incoming) => {
@@ -149,7 +225,7 @@ fn receive(agent: &mut Agent, channel: &mut Option<Channel>) -> Option<Exit> {
                 if let Some(exit) = agent.on_host_line(line) {
                     return Some(exit);
                 }
-                drain(agent, channel);
+                drain(agent, channel, hooks);
             }
             if incoming.closed {
                 say("GUEST-ERROR channel closed");
@@ -164,12 +240,13 @@ fn receive(agent: &mut Agent, channel: &mut Option<Channel>) -> Option<Exit> {
     None
 }
 
-/// The VMM channel: `path` if given, else `/dev/ttyS1` for PID 1, else
-/// none (a hand-run agent never touches the host's serial ports).
-fn open_channel(path: Option<&Path>) -> (Option<Channel>, Option<String>) {
+/// The VMM channel: `path` if given, else `/dev/ttyS1` for PID 1 and a
+/// service, else none (a hand-run agent never touches the host's serial
+/// ports).
+fn open_channel(path: Option<&Path>, mode: Mode) -> (Option<Channel>, Option<String>) {
     let path = match path {
         Some(p) => p,
-        None if init::is_pid1() => Path::new(channel::DEFAULT_PATH),
+        None if mode != Mode::Hand => Path::new(channel::DEFAULT_PATH),
         None => return (None, None),
     };
     match Channel::open_tty(path) {
@@ -269,29 +346,34 @@ fn drain_before_poweroff(channel: &mut Option<Channel>) {
     }
 }
 
-/// Everything PID 1 (or a hand-run agent) does: mount (PID 1 only), read
-/// the options (`cmdline` overrides `/proc/cmdline`; not as PID 1,
-/// `agent.autoonline=0 agent.readonly=1` come first), listen for uevents,
-/// open the channel (`channel_path`, else ttyS1 for PID 1), start, then
+/// Everything the agent does: mount (PID 1 only), read the options
+/// (`cmdline` overrides `/proc/cmdline`, after the mode's
+/// [defaults](Mode::default_options)), listen for uevents, open the
+/// channel (`channel`, else ttyS1 for PID 1 and a service), start, then
 /// loop until a stop is requested. A panic in any thread, and an error
 /// once the channel is open (see `main`), is sent to the VMM as `fatal`
-/// ([`last_words`]).
-pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, AgentError> {
-    init::install_panic_hook();
-    if init::is_pid1() {
+/// ([`last_words`]), except by a service: the VMM ends on `fatal`, while
+/// a service's manager restarts it (a panic ends the whole process).
+pub fn run(cfg: RunConfig<'_>) -> Result<Exit, AgentError> {
+    let mode = cfg.mode;
+    let channel_path = cfg.channel;
+    init::install_panic_hook(mode == Mode::Service);
+    if mode == Mode::Init {
         init::mount_filesystems()?;
     }
     // Before any thread exists, so every later thread inherits the mask.
     let signals = Signals::new().map_err(AgentError::Signals)?;
-    let mut text = match cmdline {
+    let mut text = match cfg.cmdline {
         Some(c) => c.to_owned(),
         None => std::fs::read_to_string("/proc/cmdline").map_err(AgentError::Cmdline)?,
     };
-    if !init::is_pid1() {
-        // On a host, touch no CPU unless asked: a later option overrides.
-        text.insert_str(0, "agent.autoonline=0 agent.readonly=1 ");
-    }
+    text.insert_str(0, mode.default_options());
     let opts = Options::parse(&text);
+    let mut hooks = cfg
+        .hook
+        .map(str::to_owned)
+        .or_else(|| opts.hook.clone())
+        .map(|cmd| HookRunner::new(cmd, Limits::default()));
     // Listen first, then look: no hot-add falls between the two.
     let socket = UeventSocket::open().map_err(AgentError::Uevent)?;
     let topo = Arc::new(SysfsTopology::new(
@@ -299,8 +381,8 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
         Box::new(socket),
         opts.readonly,
     )?);
-    let (mut channel, mut channel_error) = open_channel(channel_path);
-    if let Some(ch) = &channel {
+    let (mut channel, mut channel_error) = open_channel(channel_path, mode);
+    if let Some(ch) = channel.as_ref().filter(|_| mode != Mode::Service) {
         // So that a failure anywhere still reaches the VMM as `fatal`.
         if let Err(e) = last_words::arm(ch.as_fd()) {
             channel_error = Some(format!("no last words: {e}"));
@@ -308,8 +390,9 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
     }
     let mut preface: Vec<String> = kmsg::smpboot_line().into_iter().collect();
     // The mailbox only beside the VMM's own UART (not a test's socket).
+    let vmm_uart = channel_path.is_none_or(|p| p == Path::new(channel::DEFAULT_PATH));
     let mailbox_error = match channel.as_mut() {
-        Some(ch) if opts.mailbox && channel_path.is_none() => match GuestMailbox::open() {
+        Some(ch) if opts.mailbox && vmm_uart => match GuestMailbox::open() {
             Ok(Some(mailbox)) => {
                 ch.attach_mailbox(mailbox);
                 None
@@ -319,6 +402,17 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
         },
         _ => None,
     };
+    if mode == Mode::Service {
+        // Always said: a service without its channel is not doing its job.
+        preface.extend(
+            channel_error
+                .take()
+                .map(|e| format!("GUEST-ERROR channel: {e}")),
+        );
+        if let Some(runner) = &hooks {
+            preface.push(format!("GUEST-HOOK {:?}", runner.command()));
+        }
+    }
     if opts.trace {
         preface.extend(channel_error.map(|e| format!("GUEST-TRACE channel: {e}")));
         preface.extend(mailbox_error.map(|e| format!("GUEST-TRACE mailbox: {e}")));
@@ -333,7 +427,7 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
     };
     let mut agent = Agent::start(Arc::clone(&topo), opts, cfg)?;
     agent.tick(Instant::now());
-    drain(&mut agent, &mut channel);
+    drain(&mut agent, &mut channel, &mut hooks);
     if poweroff == Some(PowerOffWhen::Ready) {
         return Ok(Exit::PowerOff("reason=ready".into()));
     }
@@ -347,6 +441,7 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
             agent.next_timeout(now),
             channel.as_ref().and_then(Channel::retry_after),
             workload.as_ref().and_then(|w| w.next_timeout(now)),
+            hooks.as_ref().and_then(|h| h.next_timeout(now)),
         ]
         .into_iter()
         .flatten()
@@ -369,8 +464,12 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
                 match signal {
                     Signal::Child => {
                         for (pid, status) in init::reap_children() {
+                            let now = Instant::now();
+                            if hooks.as_mut().is_some_and(|h| h.on_exit(pid, status, now)) {
+                                continue;
+                            }
                             if let Some(w) = workload.as_mut() {
-                                w.on_reaped(pid, status, Instant::now());
+                                w.on_reaped(pid, status, now);
                             }
                         }
                     }
@@ -384,13 +483,17 @@ pub fn run(cmdline: Option<&str>, channel_path: Option<&Path>) -> Result<Exit, A
             agent.on_uevents()?;
         }
         if ready.channel {
-            if let Some(exit) = receive(&mut agent, &mut channel) {
-                drain(&mut agent, &mut channel);
+            if let Some(exit) = receive(&mut agent, &mut channel, &mut hooks) {
+                drain(&mut agent, &mut channel, &mut hooks);
                 return Ok(exit);
             }
         }
         agent.tick(Instant::now());
-        drain(&mut agent, &mut channel);
+        drain(&mut agent, &mut channel, &mut hooks);
+        if let Some(runner) = hooks.as_mut() {
+            runner.tick(Instant::now());
+            say_hook_notes(runner);
+        }
         if let Some(w) = workload.as_mut() {
             if let Some(exit) = step_workload(w, &mut agent, &mut channel, Instant::now()) {
                 return Ok(exit);
@@ -419,10 +522,29 @@ mod tests {
 
     #[test]
     fn a_hand_run_agent_opens_no_channel() {
-        let (ch, err) = open_channel(None);
+        let (ch, err) = open_channel(None, Mode::Hand);
         assert!(ch.is_none() && err.is_none());
-        let (ch, err) = open_channel(Some(Path::new("/nonexistent/tty")));
+        let (ch, err) = open_channel(Some(Path::new("/nonexistent/tty")), Mode::Hand);
         assert!(ch.is_none());
         assert!(err.unwrap().contains("/nonexistent/tty"));
+    }
+
+    #[test]
+    fn modes_and_their_defaults() {
+        // Tests never run as PID 1.
+        assert_eq!(Mode::detect(false), Mode::Hand);
+        assert_eq!(Mode::detect(true), Mode::Service);
+        let parse = |mode: Mode, cmdline: &str| {
+            Options::parse(&format!("{}{cmdline}", mode.default_options()))
+        };
+        let service = parse(Mode::Service, "console=ttyS0");
+        assert_eq!(
+            (service.load, service.autoonline, service.readonly),
+            (0, true, false)
+        );
+        assert_eq!(parse(Mode::Service, "agent.load=5").load, 5);
+        let hand = parse(Mode::Hand, "");
+        assert!(!hand.autoonline && hand.readonly);
+        assert_eq!(parse(Mode::Init, ""), Options::default());
     }
 }

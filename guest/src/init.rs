@@ -118,14 +118,19 @@ pub fn power_off(reason: &str, ok: bool) -> ! {
 /// Turns a Rust panic in any thread into the agent's last message to the
 /// VMM (`fatal`, see [`last_words`]) and, in PID 1, a power-off instead
 /// of a kernel panic ("Attempted to kill init"), after the usual console
-/// report.
-pub fn install_panic_hook() {
+/// report. With `exit`, any other process ends with status 101 (a panic
+/// in a worker thread would otherwise leave a service half working, where
+/// its manager can restart it whole).
+pub fn install_panic_hook(exit: bool) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default(info);
         last_words::send(&panic_text(info));
         if is_pid1() {
             power_off("reason=panic", false);
+        }
+        if exit {
+            std::process::exit(101);
         }
     }));
 }

@@ -26,11 +26,15 @@
 //! [`kmsg`] (kernel log lines), [`cmdline`] (`agent.*` options),
 //! [`console`] (output), [`last_words`] (`fatal` to the VMM on a panic or
 //! a fatal error), [`workload`] (the user's program, run beside the agent
-//! when the launcher put one in the initramfs).
+//! when the launcher put one in the initramfs), [`hooks`] (the user's
+//! command run on every CPU event).
 //!
 //! The binary is built static for the guest image (see the `resources`
 //! crate) and also runs on a host as a plain process, where it mounts
-//! nothing, writes nothing to sysfs and never powers anything off.
+//! nothing, writes nothing to sysfs and never powers anything off; and as
+//! a service of a guest with its own init (`guest-agent --service`, see
+//! [`event_loop::Mode`]), where it mounts nothing either but onlines CPUs
+//! and talks to the VMM.
 
 pub mod agent;
 pub mod channel;
@@ -39,6 +43,7 @@ pub mod console;
 pub mod event_loop;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hooks;
 pub mod ids;
 pub mod init;
 pub mod kmsg;

@@ -242,8 +242,44 @@ fn euid_is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The candidate version of `package` (its first `Version:` in
+/// `apt-cache show --no-all-versions`).
+pub fn candidate_version(package: &str) -> Result<String, AptError> {
+    let out = run(
+        "apt-cache",
+        Command::new("apt-cache").args(["show", "--no-all-versions", package]),
+    );
+    let out = match out {
+        Ok(out) if !out.stdout.is_empty() => out,
+        Ok(_) | Err(AptError::Failed { .. }) if !lists_present() => {
+            return Err(AptError::ListsMissing)
+        }
+        Ok(_) | Err(AptError::Failed { .. }) => {
+            return Err(AptError::UnknownPackage(package.into()))
+        }
+        Err(e) => return Err(e),
+    };
+    parse_version(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| AptError::UnknownPackage(package.into()))
+}
+
+/// The first record's `Version:` of `apt-cache show` output.
+pub fn parse_version(text: &str) -> Option<String> {
+    text.lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| l.strip_prefix("Version:"))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty() && !v.contains(char::is_whitespace))
+}
+
 /// Downloads `pkg` into `dir` (which should be empty) and returns the .deb.
 pub fn download(pkg: &KernelPackage, dir: &Path) -> Result<PathBuf, AptError> {
+    download_spec(&pkg.apt_spec(), dir)
+}
+
+/// Downloads the package `spec` (`name` or `name=version`) into `dir`
+/// (which should be empty) and returns the .deb.
+pub fn download_spec(spec: &str, dir: &Path) -> Result<PathBuf, AptError> {
     let mut cmd = Command::new("apt-get");
     cmd.current_dir(dir).args(["download", "-q"]);
     if euid_is_root() {
@@ -251,7 +287,7 @@ pub fn download(pkg: &KernelPackage, dir: &Path) -> Result<PathBuf, AptError> {
         // write into the cache; the download is verified by hash either way.
         cmd.args(["-o", "APT::Sandbox::User=root"]);
     }
-    cmd.arg(pkg.apt_spec());
+    cmd.arg(spec);
     run("apt-get", &mut cmd).map_err(|e| match e {
         AptError::Failed { .. } if !lists_present() => AptError::ListsMissing,
         e => e,
@@ -266,7 +302,7 @@ pub fn download(pkg: &KernelPackage, dir: &Path) -> Result<PathBuf, AptError> {
             return Ok(path);
         }
     }
-    Err(AptError::NoDeb(pkg.apt_spec()))
+    Err(AptError::NoDeb(spec.to_owned()))
 }
 
 #[cfg(test)]
@@ -330,6 +366,17 @@ Depends: linux-image-6.1.0-50-cloud-amd64 (= 6.1.176-1)
         assert_eq!(pkg.name, "linux-image-6.1.0-9-cloud-amd64-unsigned");
         assert_eq!(pkg.version.as_deref(), Some("6.1.27-1"));
         assert_eq!(pkg.release, "6.1.0-9-cloud-amd64");
+    }
+
+    #[test]
+    fn parses_the_candidate_version() {
+        let show = "Package: busybox-static\nSource: busybox (1:1.35.0-4+deb12u1)\nVersion: 1:1.35.0-4+deb12u1+b1\n\nPackage: busybox-static\nVersion: 1:1.35.0-4\n";
+        assert_eq!(
+            parse_version(show).as_deref(),
+            Some("1:1.35.0-4+deb12u1+b1")
+        );
+        assert_eq!(parse_version("Package: x\n\nVersion: 2\n"), None);
+        assert_eq!(parse_version("Version: a b\n"), None);
     }
 
     #[test]

@@ -14,6 +14,9 @@
 //! - [`ensure_guest_image`]: kernel + initramfs with the guest agent as
 //!   `/init` + the default command line.
 //!
+//! - [`ensure_busybox`]: Debian's static busybox (`busybox-static`), fetched
+//!   the same ways, for test guests with an init of their own.
+//!
 //! Everything lands in [`cache_dir`]. Each step writes atomically and
 //! records its inputs in a stamp, so a warm call only checks stamps (and
 //! lets cargo confirm the agent is up to date). Updates of one cache are
@@ -27,6 +30,7 @@
 //! prints its paths.
 
 pub mod apt;
+pub mod busybox;
 pub mod bzimage;
 pub mod cache;
 pub mod cpio;
@@ -108,6 +112,11 @@ pub fn ensure_guest_kernel() -> Result<Kernel, Error> {
 /// `<workspace>/target/static`) and returns its path.
 pub fn build_static(package: &str, bin: &str) -> Result<PathBuf, Error> {
     Ok(static_build::build_static(package, bin)?)
+}
+
+/// Debian's static busybox, fetched and unpacked into the cache if needed.
+pub fn ensure_busybox() -> Result<busybox::Busybox, busybox::BusyboxError> {
+    busybox::ensure_busybox_in(&cache_dir())
 }
 
 /// The guest image with a gzip-compressed initramfs, built if needed.

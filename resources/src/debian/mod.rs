@@ -271,7 +271,7 @@ fn now() -> i64 {
 pub fn resolve(meta: &str, config: &Config, state: &Path) -> Result<Resolved, FetchError> {
     let mut found: Vec<(&Suite, Vec<Stanza>)> = Vec::new();
     for (i, suite) in config.suites.iter().enumerate() {
-        match suite_stanzas(suite, config, state) {
+        match suite_stanzas(suite, config, state, &|p| p.starts_with("linux-image-")) {
             Ok(stanzas) => found.push((suite, stanzas)),
             // A mirror may lack the -updates or -security suite: the base
             // suite still names a kernel (an older one).
@@ -347,8 +347,77 @@ fn pick(meta: &str, found: &[(&Suite, Vec<Stanza>)]) -> Result<Resolved, FetchEr
     })
 }
 
-/// The `linux-image-*` stanzas of a suite's verified `Packages` index.
-fn suite_stanzas(suite: &Suite, config: &Config, state: &Path) -> Result<Vec<Stanza>, FetchError> {
+/// Resolves package `name` (not a meta package: e.g. `busybox-static`) to
+/// its highest version among `config`'s suites, like [`resolve`] does a
+/// kernel. The result's `package.release` is empty. `state` keeps the
+/// stanzas of `name` per verified index (a directory of its own: one
+/// per package looked up).
+pub fn resolve_package(name: &str, config: &Config, state: &Path) -> Result<Resolved, FetchError> {
+    let mut best: Option<(&Suite, Stanza)> = None;
+    for (i, suite) in config.suites.iter().enumerate() {
+        let stanzas = match suite_stanzas(suite, config, state, &|p| p == name) {
+            Ok(stanzas) => stanzas,
+            Err(FetchError::Status { status: 404, url }) if i > 0 => {
+                log::warn!(
+                    "{url}: not on this mirror (404); suite {} skipped",
+                    suite.name
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for stanza in stanzas.into_iter().filter(|s| s.package() == name) {
+            let better = best.as_ref().is_none_or(|(_, b)| {
+                packages::compare_versions(stanza.version(), b.version()).is_gt()
+            });
+            if better {
+                best = Some((suite, stanza));
+            }
+        }
+    }
+    let (suite, stanza) = best.ok_or_else(|| FetchError::UnknownPackage {
+        meta: name.to_owned(),
+        suites: config
+            .suites
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    let field = |k: &str| {
+        stanza
+            .get(k)
+            .ok_or_else(|| FetchError::Index(format!("{}: stanza of {name} lacks {k}", suite.name)))
+    };
+    let filename = field("Filename")?;
+    let size = field("Size")?
+        .parse()
+        .map_err(|_| FetchError::Index(format!("{}: bad Size of {name}", suite.name)))?;
+    let sha256 = field("SHA256")?.to_ascii_lowercase();
+    if filename.contains("..") || filename.starts_with('/') {
+        return Err(FetchError::Index(format!("odd Filename {filename:?}")));
+    }
+    Ok(Resolved {
+        package: KernelPackage {
+            name: name.to_owned(),
+            version: Some(stanza.version().to_owned()),
+            release: String::new(),
+        },
+        url: format!("{}/{filename}", suite.mirror),
+        size,
+        sha256,
+        suite: suite.name.clone(),
+    })
+}
+
+/// The stanzas of a suite's verified `Packages` index whose package name
+/// `keep` accepts (kept in `state`, so one directory per filter).
+fn suite_stanzas(
+    suite: &Suite,
+    config: &Config,
+    state: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Stanza>, FetchError> {
     let io = |context: String| move |source| FetchError::Io { context, source };
     let dists = format!("{}/dists/{}", suite.mirror, suite.name);
     let url = format!("{dists}/InRelease");
@@ -393,11 +462,9 @@ fn suite_stanzas(suite: &Suite, config: &Config, state: &Path) -> Result<Vec<Sta
         IndexCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&data[..])),
     };
     let mut stanzas = Vec::new();
-    packages::filter(
-        BufReader::with_capacity(1 << 16, reader),
-        |p| p.starts_with("linux-image-"),
-        &mut |s| stanzas.push(s),
-    )
+    packages::filter(BufReader::with_capacity(1 << 16, reader), keep, &mut |s| {
+        stanzas.push(s)
+    })
     .map_err(|e| FetchError::Index(format!("{plain}: cannot decompress: {e}")))?;
     // Forget this suite's older indices, then keep this one's stanzas.
     for old in fs::read_dir(state).into_iter().flatten().flatten() {
