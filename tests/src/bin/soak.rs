@@ -45,9 +45,11 @@ struct Args {
     /// How long one step may take, seconds.
     #[arg(long, default_value_t = 90)]
     step_timeout: u64,
-    /// Fresh VMs after the emulated host died, at most.
-    #[arg(long, default_value_t = 5)]
-    host_retries: u32,
+    /// Fresh VMs after the emulated host died, at most [default: sized to
+    /// the steps and the mix from the measured rate of the emulated host's
+    /// failures, see `host_retries`].
+    #[arg(long)]
+    host_retries: Option<u32>,
     /// A step slower than this (ms) prints the console's last lines.
     #[arg(long, default_value_t = 4000)]
     slow_ms: u64,
@@ -83,6 +85,18 @@ fn resources(client: &BlockingClient) -> Result<Resources> {
         threads: metric(&text, "process_threads")?,
         rss: metric(&text, "process_resident_memory_bytes")?
             .saturating_sub(metric(&text, "vmm_guest_memory_resident_bytes")?),
+    })
+}
+
+/// How many fresh VMs a run may start after the emulated host died: the
+/// flag, else sized from the rates measured with `scripts/host-matrix` and
+/// the soak (Debian 12's QEMU 7.2 as the outer emulator): about one failure
+/// per 100 resize-only steps and one per 500 mixed steps, with room for
+/// twice that and two more. Real KVM never retries (no emulated host).
+fn host_retries(args: &Args) -> u32 {
+    args.host_retries.unwrap_or_else(|| {
+        let per_failure = if args.mix == "resize" { 100 } else { 500 };
+        2 * args.steps.div_ceil(per_failure) + 2
     })
 }
 
@@ -282,8 +296,11 @@ fn main() -> Result<()> {
             .map_or(1, |d| d.as_secs())
     });
     println!(
-        "SOAK seed={seed} steps={} max={} mix={}",
-        args.steps, args.max, args.mix
+        "SOAK seed={seed} steps={} max={} mix={} host_retries={}",
+        args.steps,
+        args.max,
+        args.mix,
+        host_retries(&args)
     );
     let mut rng = StdRng::seed_from_u64(seed);
     let spec = VmSpec::new(1, args.max).timeout(Duration::from_secs(
@@ -322,7 +339,7 @@ fn main() -> Result<()> {
         step = life.next_step;
         match life.failure {
             None => break,
-            Some(f) if retries < args.host_retries => {
+            Some(f) if retries < host_retries(&args) => {
                 retries += 1;
                 // A new VM: its own baseline.
                 baseline = None;
