@@ -192,6 +192,8 @@ fn launch(args: &[&str]) -> (Option<i32>, String, String) {
     let sock = std::env::temp_dir().join(format!("e2e-workload-{}.sock", std::process::id()));
     let once = || {
         let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+            // The suite's serialisation, which the launcher leaves off.
+            .env(e2e::locks::SUITE_LOCK_ENV, "1")
             .arg("--api-socket")
             .arg(&sock)
             .args(args)

@@ -152,6 +152,9 @@ fn run() -> Result<i32> {
     spec.host = host;
     spec.timeout = timeout;
     spec.echo = Echo::Stdout;
+    // Several launchers may run at once (distinct API sockets); the test
+    // suite's own lock only with E2E_SUITE_LOCK=1.
+    spec.suite_lock = e2e::locks::suite_lock_from_env(false);
 
     if args.workload.wanted() {
         let limit = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
