@@ -22,9 +22,10 @@ pub const MAX_MEMORY_MIB: u32 = 1 << 20;
 pub const MEMORY_HELP: &str = "Guest memory: a number with an optional unit K, M or G \
 (binary: KiB, MiB, GiB); a plain number is MiB (512 = 512M). A whole number of MiB, \
 32M to 1024G";
-/// Help text of `--cmdline`, the same in both programs.
-pub const CMDLINE_HELP: &str = "Guest kernel command line, replacing the default \
-(--append adds to it instead)";
+/// Help text of `vmm --cmdline` (the launcher's says the same of its own
+/// default).
+pub const VMM_CMDLINE_HELP: &str = "Guest kernel command line, replacing the default \
+(console=ttyS0 reboot=acpi panic=-1); --append adds to it instead";
 /// Help text of `--append`, the same in both programs.
 pub const APPEND_HELP: &str = "Parameters added at the end of the guest kernel command \
 line (the default's, or --cmdline's)";
@@ -146,7 +147,9 @@ mod tests {
 
     #[test]
     fn memory_refusals_say_why() {
-        for bad in ["", "M", "12X", "-1G", "1.5G", "0x100", "256 M", "+256M", "256MB"] {
+        for bad in [
+            "", "M", "12X", "-1G", "1.5G", "0x100", "256 M", "+256M", "256MB",
+        ] {
             assert!(
                 matches!(parse_memory(bad), Err(MemoryError::Syntax(_))),
                 "{bad}"
@@ -158,13 +161,29 @@ mod tests {
                 "{bad}"
             );
         }
-        for bad in ["0", "31M", "16", "1025G", "99999999999G", "999999999999999999999999"] {
+        for bad in [
+            "0",
+            "31M",
+            "16",
+            "1025G",
+            "99999999999G",
+            "999999999999999999999999",
+        ] {
             assert!(
                 matches!(parse_memory(bad), Err(MemoryError::Range(_))),
                 "{bad}"
             );
         }
-        assert!(parse_memory("12X").unwrap_err().to_string().contains("\"12X\""));
+        assert!(parse_memory("12X")
+            .unwrap_err()
+            .to_string()
+            .contains("\"12X\""));
+    }
+
+    #[test]
+    fn the_help_names_the_default() {
+        assert!(VMM_CMDLINE_HELP.contains(&format!("({VMM_DEFAULT_CMDLINE})")));
+        assert!(MEMORY_HELP.contains("plain number is MiB"));
     }
 
     #[test]

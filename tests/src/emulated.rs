@@ -485,13 +485,12 @@ impl WorkDir {
         loop {
             let n = N.fetch_add(1, Ordering::Relaxed);
             let salt: u32 = rand::random();
-            let dir = std::env::temp_dir().join(format!(
-                "e2e-{tag}-{}-{n}-{salt:08x}",
-                std::process::id()
-            ));
+            let dir = std::env::temp_dir()
+                .join(format!("e2e-{tag}-{}-{n}-{salt:08x}", std::process::id()));
             // 0700: the serial and API sockets inside are this user's.
-            let made = std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-                .create(&dir);
+            let made =
+                std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                    .create(&dir);
             match made {
                 Ok(()) => return Ok(WorkDir(dir)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,

@@ -279,7 +279,8 @@ mod tests {
         let err = SocketLock::acquire(&a).unwrap_err();
         assert!(matches!(err, Error::InUse(_)), "{err}");
         assert!(
-            err.to_string().contains(&format!("pid {}", std::process::id())),
+            err.to_string()
+                .contains(&format!("pid {}", std::process::id())),
             "{err}"
         );
         // Another socket is another VM's.

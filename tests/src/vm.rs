@@ -54,7 +54,9 @@ pub struct VmSpec {
     pub max_vcpus: u32,
     /// Guest memory in MiB.
     pub memory_mib: u32,
-    /// Appended to the guest image's command line.
+    /// Replaces the guest image's command line (the launcher's `--cmdline`).
+    pub base_cmdline: Option<String>,
+    /// Appended to the command line (the launcher's `--append`).
     pub extra_cmdline: Vec<String>,
     /// Extra VMM arguments after the standard ones (e.g. `--test-hooks`).
     pub extra_vmm_args: Vec<String>,
@@ -82,6 +84,7 @@ impl Default for VmSpec {
             boot_vcpus: 1,
             max_vcpus: 1,
             memory_mib: 256,
+            base_cmdline: None,
             extra_cmdline: Vec::new(),
             extra_vmm_args: Vec::new(),
             api_socket: None,
@@ -124,13 +127,14 @@ impl VmSpec {
         self
     }
 
-    /// The VMM's arguments after the binary, with the given paths.
+    /// The VMM's arguments after the binary, with the given paths and the
+    /// image's default command line (which [`Self::base_cmdline`] replaces).
     pub fn vmm_args(&self, kernel: &str, initramfs: &str, cmdline: &str, api: &str) -> Vec<String> {
-        let mut cmdline = cmdline.to_string();
-        for p in &self.extra_cmdline {
-            cmdline.push(' ');
-            cmdline.push_str(p);
-        }
+        let cmdline = api::options::compose_cmdline(
+            cmdline,
+            self.base_cmdline.as_deref(),
+            Some(&self.extra_cmdline.join(" ")),
+        );
         [
             "--kernel",
             kernel,

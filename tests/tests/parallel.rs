@@ -51,8 +51,8 @@ fn two_vms_at_once_on_their_own_sockets() {
         e2e::skip(&e2e::chain(&e));
         return;
     }
-    let _suite = locks::suite_lock_from_env(true)
-        .then(|| SuiteLock::acquire().expect("the suite lock"));
+    let _suite =
+        locks::suite_lock_from_env(true).then(|| SuiteLock::acquire().expect("the suite lock"));
     let dir = std::env::temp_dir().join(format!("e2e-parallel-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
