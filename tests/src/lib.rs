@@ -24,6 +24,7 @@ pub mod guest_view;
 pub mod host;
 pub mod inside;
 pub mod job;
+pub mod launcher;
 pub mod locks;
 pub mod mux;
 pub mod sys;

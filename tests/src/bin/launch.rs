@@ -16,7 +16,15 @@
 //! it (direct) or the forward does (emulated).
 //!
 //! The console streams to stdout; the launcher's own lines go to stderr.
-//! Exits with the VMM's status; Ctrl-C (or SIGTERM) stops everything.
+//! Exits with the VMM's status (0 to 7, see the README); Ctrl-C (or
+//! SIGTERM) stops everything (130); 1 is the launcher's own error. When
+//! the emulated KVM host itself fails under the VM (a reset, its kernel
+//! panicking, e.g. on a stack overflow in its KVM, a lockup, silence past
+//! `--timeout`, or the nested guest failing as the nested emulation makes
+//! it fail), it says so in one line, `launch: the emulated KVM host failed
+//! (<classification>): this is a fault of the nested emulation on this
+//! machine, not of the guest or the VMM; see tests/README.md`, and exits
+//! with 123 (`e2e::launcher::HOST_FAILED`), in both modes.
 //!
 //! With `--run CMD` it runs your program in the guest instead, beside the
 //! agent, with your `--add`ed files, under an optional `--churn`, and
@@ -34,7 +42,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use e2e::{Echo, HostKind, VmSpec};
+use e2e::{Echo, VmSpec};
 
 /// Boot the default guest with the VMM and expose its API socket.
 #[derive(Debug, Parser)]
@@ -166,40 +174,16 @@ fn run() -> Result<i32> {
     }
 
     eprintln!("launch: preparing the guest image, the static vmm and the emulated host if needed");
-    let mut vm = e2e::launch(&spec)?;
-    let sock = vm.api_socket().display().to_string();
-    match vm.host_kind() {
-        HostKind::Direct => eprintln!("launch: VMM running on this machine's /dev/kvm"),
-        HostKind::Emulated => {
-            let t = vm.host_timings().unwrap_or_default();
-            eprintln!(
-                "launch: VMM running inside the emulated KVM host (ready after {:.1} s); \
-                 its API socket is forwarded over the host's ttyS1",
-                t.to_ready.as_secs_f64()
-            );
-        }
-    }
-    eprintln!("launch: API socket: {sock}");
-    eprintln!("launch: try: curl --unix-socket {sock} http://localhost/api/v1/vm");
-    if socket == api::socket::from_env() {
-        eprintln!("launch:  or: vmmctl status   (cargo run -p api --bin vmmctl -- status)");
-    } else {
-        eprintln!("launch:  or: VMM_SOCKET={sock} vmmctl status");
-    }
-    eprintln!("launch: Ctrl-C stops the VM");
-
-    loop {
-        if let Some(status) = vm.try_exit()? {
-            eprintln!("launch: VMM exited with status {status}");
-            return Ok(status);
-        }
-        if let Ok(sig) = sig_rx.try_recv() {
-            eprintln!("launch: signal {sig}: stopping the VM");
-            vm.kill();
-            return Ok(130);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let socket_is_default = socket == api::socket::from_env();
+    let mut say = |line: &str| eprintln!("launch: {line}");
+    let interrupted = || sig_rx.try_recv().ok();
+    let mut plain = e2e::launcher::Plain {
+        say: &mut say,
+        interrupted: &interrupted,
+        timeout: (args.timeout > 0).then_some(timeout),
+        socket_is_default,
+    };
+    Ok(plain.run(|| e2e::launch(&spec)))
 }
 
 #[cfg(test)]
