@@ -145,7 +145,9 @@ mod tests {
     #[test]
     fn the_line_is_one_escaped_line() {
         let line = host_failure_line("host: [ 9.0] BUG\u{1b}[2J\nnext");
-        assert!(line.starts_with("the emulated KVM host failed (host: [ 9.0] BUG\\u{1b}[2J\\nnext)"));
+        assert!(
+            line.starts_with("the emulated KVM host failed (host: [ 9.0] BUG\\u{1b}[2J\\nnext)")
+        );
         assert!(line.ends_with("not of the guest or the VMM; see tests/README.md"));
         assert!(!line.contains(['\n', '\u{1b}']));
         let long = host_failure_line(&"x".repeat(1000));

@@ -59,7 +59,10 @@ fn plain_mode_a_host_panic_after_ready_is_status_123_and_one_line() {
     assert_eq!(status, HOST_FAILED, "{lines:#?}");
     the_line(&lines, "TASK stack guard page was hit");
     // It booted and said where its socket is first.
-    assert!(lines.iter().any(|l| l.starts_with("API socket: ")), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("API socket: ")),
+        "{lines:#?}"
+    );
 }
 
 #[test]
@@ -91,7 +94,10 @@ fn plain_mode_the_vmms_status_and_our_errors_are_not_the_hosts() {
     );
     let (status, lines) = plain(&fake);
     assert_eq!(status, 3, "{lines:#?}");
-    assert!(lines.iter().all(|l| !l.contains("KVM host failed")), "{lines:#?}");
+    assert!(
+        lines.iter().all(|l| !l.contains("KVM host failed")),
+        "{lines:#?}"
+    );
 
     let fake = Fake::new(
         "plain-ours",
@@ -100,7 +106,10 @@ fn plain_mode_the_vmms_status_and_our_errors_are_not_the_hosts() {
     let (status, lines) = plain(&fake);
     assert_eq!(status, 1, "{lines:#?}");
     assert!(lines.iter().any(|l| l.starts_with("error: ")), "{lines:#?}");
-    assert!(lines.iter().all(|l| !l.contains("KVM host failed")), "{lines:#?}");
+    assert!(
+        lines.iter().all(|l| !l.contains("KVM host failed")),
+        "{lines:#?}"
+    );
 }
 
 /// The launcher's lines in `--run` mode.
@@ -165,7 +174,10 @@ fn run_mode_the_workloads_status_stands_when_it_ended_first() {
 
 #[test]
 fn run_mode_a_host_that_never_boots_is_status_123() {
-    let fake = Fake::new("run-noboot", "--- attempt 1\nexit 0\n--- attempt 2\nexit 0\n");
+    let fake = Fake::new(
+        "run-noboot",
+        "--- attempt 1\nexit 0\n--- attempt 2\nexit 0\n",
+    );
     let (status, notes) = run_mode(&fake);
     assert_eq!(status, HOST_FAILED, "{notes:#?}");
     the_line(&notes, "the emulated host reset");

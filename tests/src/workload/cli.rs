@@ -183,7 +183,9 @@ pub fn main(
 /// (`crate::launcher::host_failure_line`) with [`status::HOST_FAILED`].
 pub fn conclude(result: Result<super::Outcome, RunError>, sink: &mut dyn Sink) -> i32 {
     match result {
-        Ok(outcome) if outcome.status == status::HOST_FAILED && outcome.workload_status.is_none() => {
+        Ok(outcome)
+            if outcome.status == status::HOST_FAILED && outcome.workload_status.is_none() =>
+        {
             sink.note(&outcome.summary);
             outcome.status
         }
