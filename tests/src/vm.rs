@@ -249,6 +249,9 @@ struct Plan {
 }
 
 /// Launches the VMM as `spec` says; retries a failed emulated-host boot once.
+/// The VM lives no longer than the thread that launched it (its processes
+/// get SIGKILL when that thread ends: `sys::kill_with_parent`), so launch
+/// VMs that run side by side from threads that outlive them.
 pub fn launch(spec: &VmSpec) -> Result<RunningVm> {
     let plan = plan_vm(spec)?;
     launch_plan(&plan)

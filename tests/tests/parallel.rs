@@ -6,6 +6,7 @@
 //! the pair (`E2E_SUITE_LOCK=0` leaves it off) and launches them without it.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use e2e::locks::{self, SuiteLock};
@@ -52,63 +53,134 @@ enum Failed {
     Other(String),
 }
 
-/// Launches both at once; `None` after a skip line.
-fn launch_both(socks: &[PathBuf]) -> Result<Option<Vec<RunningVm>>, Failed> {
-    let boots: Vec<_> = socks
-        .iter()
-        .zip([256, 320])
-        .map(|(s, mib)| {
-            let spec = spec(s, mib);
-            std::thread::spawn(move || e2e::launch(&spec))
-        })
-        .collect();
-    let mut vms = Vec::new();
-    let mut failed = None;
-    for boot in boots {
-        match boot.join().expect("launch thread") {
-            Ok(vm) => vms.push(vm),
-            Err(e) => match e.skip_reason() {
-                Some(why) => {
-                    e2e::skip(&why);
-                    return Ok(None);
-                }
-                None if e.is_host_failure() => failed = Some(Failed::Host(e.to_string())),
-                None => failed = Some(Failed::Other(e2e::chain(&e))),
-            },
-        }
-    }
-    match failed {
-        Some(f) => Err(f),
-        None => Ok(Some(vms)),
+/// What a VM's thread reports.
+enum Report {
+    /// Launched (or skipped: `None`), or failed to.
+    Launched(Result<Option<String>, Failed>),
+    /// Its `GET /api/v1/vm`.
+    Answered(Result<api::VmInfo, Failed>),
+    /// Still running when released.
+    Released(Result<(), Failed>),
+}
+
+fn host_or(vm: &RunningVm, other: String) -> Failed {
+    match vm.host_failure().or_else(|| vm.nested_guest_failure()) {
+        Some(f) => Failed::Host(f),
+        None => Failed::Other(other),
     }
 }
 
-/// One attempt; `Ok(false)` after a skip line.
-fn attempt(socks: &[PathBuf], start: Instant) -> Result<bool, Failed> {
-    let Some(mut vms) = launch_both(socks)? else {
-        return Ok(false);
-    };
-    println!(
-        "E2E-TIME both_launched_ms={} host={}",
-        start.elapsed().as_millis(),
-        vms[0].host_kind()
-    );
-    let result = check(socks, &mut vms);
-    if result.is_err() {
-        for vm in &vms {
+/// One VM on its own thread, which lives as long as the VM does (the
+/// harness's children die with the thread that started them): launch,
+/// ask, wait for the release, check it still runs.
+fn vm_thread(
+    spec: VmSpec,
+    tx: mpsc::Sender<(usize, Report)>,
+    release: mpsc::Receiver<()>,
+    i: usize,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut vm = match e2e::launch(&spec) {
+            Ok(vm) => vm,
+            Err(e) => {
+                let r = match e.skip_reason() {
+                    Some(why) => {
+                        e2e::skip(&why);
+                        Ok(None)
+                    }
+                    None if e.is_host_failure() => Err(Failed::Host(e.to_string())),
+                    None => Err(Failed::Other(e2e::chain(&e))),
+                };
+                let _ = tx.send((i, Report::Launched(r)));
+                return;
+            }
+        };
+        let kind = vm.host_kind().to_string();
+        let _ = tx.send((i, Report::Launched(Ok(Some(kind)))));
+        let answer = vm_info(&vm).map_err(|e| host_or(&vm, e));
+        let ok = answer.is_ok();
+        let _ = tx.send((i, Report::Answered(answer)));
+        if ok {
+            // Until the test has heard from both (or gives up).
+            let _ = release.recv_timeout(API_TIMEOUT * 2);
+        }
+        let alive = match vm.try_exit() {
+            Ok(None) => Ok(()),
+            _ => Err(host_or(&vm, "the VM ended before it was released".into())),
+        };
+        if alive.is_err() || !ok {
             eprintln!(
                 "--- console of the VM on {} ---\n{}--- end ---",
                 vm.api_socket().display(),
                 vm.console_log()
             );
         }
-    }
-    result.map(|()| true)
+        let _ = tx.send((i, Report::Released(alive)));
+    })
 }
 
-/// Both answer on their own sockets while the other runs; a third VM on a
-/// socket in use is refused at once.
-fn check(socks: &[PathBuf], vms: &mut [RunningVm]) -> Result<(), Failed> {
+/// One attempt; `Ok(false)` after a skip line.
+fn attempt(socks: &[PathBuf], start: Instant) -> Result<bool, Failed> {
+    let (tx, rx) = mpsc::channel();
+    let mut releases = Vec::new();
+    let mut threads = Vec::new();
+    // Both launches at once: neither waits for the other.
+    for (i, (sock, mib)) in socks.iter().zip([256, 320]).enumerate() {
+        let (release_tx, release_rx) = mpsc::channel();
+        releases.push(release_tx);
+        threads.push(vm_thread(spec(sock, mib), tx.clone(), release_rx, i));
+    }
+    drop(tx);
+    let result = drive(socks, &rx, start);
+    // Release both and hear whether they still ran.
+    drop(releases);
+    let mut released = Ok(());
+    for (_, report) in rx.iter() {
+        if let Report::Released(Err(f)) = report {
+            if released.is_ok() {
+                released = Err(f);
+            }
+        }
+    }
+    for t in threads {
+        t.join().expect("VM thread");
+    }
+    match result {
+        Ok(true) => released.map(|()| true),
+        other => other,
+    }
+}
+
+/// Waits for both launches and both answers.
+fn drive(
+    socks: &[PathBuf],
+    rx: &mpsc::Receiver<(usize, Report)>,
+    start: Instant,
+) -> Result<bool, Failed> {
+    let mut launched = 0;
+    // An answer may come before the other VM's launch.
+    let mut answers = Vec::new();
+    while launched < 2 {
+        let (_, report) = rx
+            .recv()
+            .map_err(|_| Failed::Other("a VM thread ended".into()))?;
+        match report {
+            Report::Launched(Ok(Some(kind))) => {
+                launched += 1;
+                if launched == 2 {
+                    println!(
+                        "E2E-TIME both_launched_ms={} host={kind}",
+                        start.elapsed().as_millis()
+                    );
+                }
+            }
+            Report::Launched(Ok(None)) => return Ok(false),
+            Report::Launched(Err(f)) => return Err(f),
+            Report::Answered(a) => answers.push(a),
+            Report::Released(_) => {}
+        }
+    }
+    // Both run: a third VM on a socket in use is refused before it boots.
     let t = Instant::now();
     match e2e::launch(&spec(&socks[0], 256)) {
         Err(Error::InUse(why)) if why.contains("a.sock") => {}
@@ -127,31 +199,28 @@ fn check(socks: &[PathBuf], vms: &mut [RunningVm]) -> Result<(), Failed> {
     if t.elapsed() > Duration::from_secs(30) {
         return Err(Failed::Other(format!("the refusal took {:?}", t.elapsed())));
     }
+    // Both answer on their own sockets with their own figures, while the
+    // other still runs (neither is released before both answered).
+    while answers.len() < 2 {
+        match rx.recv() {
+            Ok((_, Report::Answered(a))) => answers.push(a),
+            Ok(_) => return Err(Failed::Other("a VM thread reported out of turn".into())),
+            Err(_) => return Err(Failed::Other("a VM thread ended".into())),
+        }
+    }
     let mut memories = Vec::new();
-    for vm in vms.iter() {
-        let info = vm_info(vm).map_err(|e| {
-            match vm.host_failure().or_else(|| vm.nested_guest_failure()) {
-                Some(f) => Failed::Host(f),
-                None => Failed::Other(e),
-            }
-        })?;
-        println!("{}: {info:?}", vm.api_socket().display());
+    for answer in answers {
+        let info = answer?;
+        println!("{info:?} after {} ms", start.elapsed().as_millis());
         memories.push(info.memory_mib);
     }
+    memories.sort_unstable();
     if memories != [256, 320] {
         return Err(Failed::Other(format!(
             "memories {memories:?}, not [256, 320]"
         )));
     }
-    for vm in vms.iter_mut() {
-        if !matches!(vm.try_exit(), Ok(None)) {
-            return Err(match vm.host_failure() {
-                Some(f) => Failed::Host(f),
-                None => Failed::Other("a VM ended while the other was asked".into()),
-            });
-        }
-    }
-    Ok(())
+    Ok(true)
 }
 
 #[test]
