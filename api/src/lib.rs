@@ -32,6 +32,7 @@ pub mod error;
 pub mod fault;
 pub mod guest;
 pub mod operation;
+pub mod options;
 pub mod routes;
 pub mod socket;
 pub mod vcpu;

@@ -507,15 +507,27 @@ fn accept_link(listener: &UnixListener, qemu: &mut Child) -> Result<UnixStream> 
 pub struct WorkDir(PathBuf);
 
 impl WorkDir {
-    /// Creates a fresh directory under the system temp dir.
+    /// Creates a fresh directory under the system temp dir: a name no
+    /// other process (of any PID namespace sharing the directory) has, made
+    /// with `mkdir` so it is never someone else's.
     pub fn new(tag: &str) -> Result<Self> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("e2e-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
-        Ok(WorkDir(dir))
+        loop {
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let salt: u32 = rand::random();
+            let dir = std::env::temp_dir()
+                .join(format!("e2e-{tag}-{}-{n}-{salt:08x}", std::process::id()));
+            // 0700: the serial and API sockets inside are this user's.
+            let made =
+                std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                    .create(&dir);
+            match made {
+                Ok(()) => return Ok(WorkDir(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(format!("cannot create {}", dir.display()), e)),
+            }
+        }
     }
 
     /// The directory.

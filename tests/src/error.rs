@@ -54,6 +54,9 @@ pub enum Error {
     /// The VMM (or the emulated host) exited while something was awaited.
     #[error("exited while waiting for {0}")]
     Exited(String),
+    /// A resource of one VM (its API socket) belongs to another running VM.
+    #[error("{0}")]
+    InUse(String),
     /// A scenario step failed.
     #[error("scenario failed")]
     Scenario(#[source] BoxError),

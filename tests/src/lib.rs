@@ -9,8 +9,9 @@
 //!
 //! Threads: every launched process has one console reader thread per
 //! output stream; the API forward has an accept thread, one link reader and
-//! two pumps per connection ([`mux`]). Tests run one VM at a time across
-//! processes: [`RunningVm`] holds a file lock for its life.
+//! two pumps per connection ([`mux`]). Several VMs may run at once on one
+//! machine (distinct API sockets); the test suite still runs one at a time
+//! through its own lock, which the launcher does not take ([`locks`]).
 
 #![deny(missing_docs)]
 
@@ -23,6 +24,8 @@ pub mod guest_view;
 pub mod host;
 pub mod inside;
 pub mod job;
+pub mod launcher;
+pub mod locks;
 pub mod mux;
 pub mod sys;
 pub mod vm;

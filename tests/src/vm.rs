@@ -7,9 +7,9 @@
 //! host itself is retried once (noted in the console log); failures of our
 //! VMM or guest never are. [`run`] does the same for a whole scenario.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::artifacts;
@@ -17,11 +17,7 @@ use crate::console::{Console, Echo, WaitError};
 use crate::emulated::{EmulatedHost, FileIn, HostTimings, Payload, QemuConfig, WorkDir};
 use crate::error::{BoxError, Error, IoContext, Result};
 use crate::host::{self, HostKind};
-
-/// Lock file serialising VMs across test processes (2 cores: one at a time).
-const LOCK_PATH: &str = "/tmp/e2e-host.lock";
-/// Longest wait for another process's VM to finish.
-const LOCK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+use crate::locks::{self, HostSlot, SocketLock, SuiteLock};
 /// The VMM's API socket inside the emulated host.
 const INSIDE_API_SOCKET: &str = "/run/vmm.sock";
 
@@ -58,7 +54,9 @@ pub struct VmSpec {
     pub max_vcpus: u32,
     /// Guest memory in MiB.
     pub memory_mib: u32,
-    /// Appended to the guest image's command line.
+    /// Replaces the guest image's command line (the launcher's `--cmdline`).
+    pub base_cmdline: Option<String>,
+    /// Appended to the command line (the launcher's `--append`).
     pub extra_cmdline: Vec<String>,
     /// Extra VMM arguments after the standard ones (e.g. `--test-hooks`).
     pub extra_vmm_args: Vec<String>,
@@ -73,6 +71,10 @@ pub struct VmSpec {
     /// Boot this initramfs instead of the guest image's (the launcher's
     /// `--add`/`--run`: the image's plus the user's files).
     pub initramfs: Option<PathBuf>,
+    /// Take the test suite's machine-wide lock ([`locks::SuiteLock`]) for
+    /// the VM's life: on by default (`E2E_SUITE_LOCK=0` turns it off), off
+    /// in the launcher. VMs never share an API socket either way.
+    pub suite_lock: bool,
 }
 
 impl Default for VmSpec {
@@ -82,6 +84,7 @@ impl Default for VmSpec {
             boot_vcpus: 1,
             max_vcpus: 1,
             memory_mib: 256,
+            base_cmdline: None,
             extra_cmdline: Vec::new(),
             extra_vmm_args: Vec::new(),
             api_socket: None,
@@ -89,6 +92,7 @@ impl Default for VmSpec {
             timeout: Duration::from_secs(300),
             echo: default_echo(),
             initramfs: None,
+            suite_lock: locks::suite_lock_from_env(true),
         }
     }
 }
@@ -123,13 +127,14 @@ impl VmSpec {
         self
     }
 
-    /// The VMM's arguments after the binary, with the given paths.
+    /// The VMM's arguments after the binary, with the given paths and the
+    /// image's default command line (which [`Self::base_cmdline`] replaces).
     pub fn vmm_args(&self, kernel: &str, initramfs: &str, cmdline: &str, api: &str) -> Vec<String> {
-        let mut cmdline = cmdline.to_string();
-        for p in &self.extra_cmdline {
-            cmdline.push(' ');
-            cmdline.push_str(p);
-        }
+        let cmdline = api::options::compose_cmdline(
+            cmdline,
+            self.base_cmdline.as_deref(),
+            Some(&self.extra_cmdline.join(" ")),
+        );
         [
             "--kernel",
             kernel,
@@ -193,7 +198,41 @@ pub struct RunningVm {
     api_socket: PathBuf,
     retried: Option<String>,
     _workdir: WorkDir,
-    _lock: File,
+    _leases: Arc<Leases>,
+}
+
+/// The locks a VM holds for its life, across a retried boot too (see
+/// [`crate::locks`]).
+#[derive(Debug)]
+struct Leases {
+    _suite: Option<SuiteLock>,
+    _socket: Option<SocketLock>,
+    _slot: Option<HostSlot>,
+}
+
+impl Leases {
+    /// Suite lock first (waits), then the socket (fails at once when taken),
+    /// then an emulated-host slot (waits).
+    fn take(plan: &Plan) -> Result<Arc<Leases>> {
+        let suite = if plan.suite_lock {
+            Some(SuiteLock::acquire()?)
+        } else {
+            None
+        };
+        let socket = match &plan.api_socket {
+            Some(p) => Some(SocketLock::acquire(p)?),
+            None => None,
+        };
+        let slot = match plan.kind {
+            HostKind::Emulated => HostSlot::acquire(locks::max_emulated_hosts())?,
+            HostKind::Direct => None,
+        };
+        Ok(Arc::new(Leases {
+            _suite: suite,
+            _socket: socket,
+            _slot: slot,
+        }))
+    }
 }
 
 /// Everything needed to start one attempt.
@@ -206,9 +245,13 @@ struct Plan {
     payload: Option<(Payload, QemuConfig, crate::emulated::HostImage)>,
     api_socket: Option<PathBuf>,
     echo: Echo,
+    suite_lock: bool,
 }
 
 /// Launches the VMM as `spec` says; retries a failed emulated-host boot once.
+/// The VM lives no longer than the thread that launched it (its processes
+/// get SIGKILL when that thread ends: `sys::kill_with_parent`), so launch
+/// VMs that run side by side from threads that outlive them.
 pub fn launch(spec: &VmSpec) -> Result<RunningVm> {
     let plan = plan_vm(spec)?;
     launch_plan(&plan)
@@ -253,6 +296,7 @@ pub fn launch_host_job_on(
         payload: Some((payload, qemu, image)),
         api_socket,
         echo: default_echo(),
+        suite_lock: locks::suite_lock_from_env(true),
     })
 }
 
@@ -276,6 +320,7 @@ pub fn launch_emulated_payload(
         payload: Some((payload, qemu, image)),
         api_socket: None,
         echo: default_echo(),
+        suite_lock: locks::suite_lock_from_env(true),
     })
 }
 
@@ -291,9 +336,10 @@ pub fn run<T>(
     mut scenario: impl FnMut(&mut RunningVm) -> std::result::Result<T, BoxError>,
 ) -> Result<T> {
     let plan = plan_vm(spec)?;
+    let leases = Leases::take(&plan)?;
     let mut retried = None;
     loop {
-        let mut vm = match boot_once(&plan) {
+        let mut vm = match boot_once(&plan, &leases) {
             Ok(vm) => vm,
             Err(e) if e.is_host_failure() && retried.is_none() => {
                 retried = Some(note_retry(&e));
@@ -342,10 +388,11 @@ fn note_retry(e: &Error) -> String {
 }
 
 fn launch_plan(plan: &Plan) -> Result<RunningVm> {
-    match boot_once(plan) {
+    let leases = Leases::take(plan)?;
+    match boot_once(plan, &leases) {
         Err(e) if e.is_host_failure() => {
             let note = note_retry(&e);
-            let mut vm = boot_once(plan)?;
+            let mut vm = boot_once(plan, &leases)?;
             vm.note_retry(&note);
             Ok(vm)
         }
@@ -353,8 +400,7 @@ fn launch_plan(plan: &Plan) -> Result<RunningVm> {
     }
 }
 
-fn boot_once(plan: &Plan) -> Result<RunningVm> {
-    let lock = host_lock()?;
+fn boot_once(plan: &Plan, leases: &Arc<Leases>) -> Result<RunningVm> {
     let workdir = WorkDir::new("vm")?;
     let api_socket = plan
         .api_socket
@@ -417,46 +463,8 @@ fn boot_once(plan: &Plan) -> Result<RunningVm> {
         api_socket,
         retried: None,
         _workdir: workdir,
-        _lock: lock,
+        _leases: Arc::clone(leases),
     })
-}
-
-/// Takes the machine-wide VM lock, waiting at most [`LOCK_TIMEOUT`]; the
-/// holder's pid and command line are written in the file for the next
-/// waiter's message.
-fn host_lock() -> Result<File> {
-    use std::io::{Read, Seek, Write};
-    let mut file = File::options()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(LOCK_PATH)
-        .ctx(|| format!("cannot open {LOCK_PATH}"))?;
-    if file.try_lock().is_err() {
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
-        eprintln!(
-            "e2e: waiting up to {LOCK_TIMEOUT:?} for the VM of another process to finish \
-             ({LOCK_PATH}: {})",
-            holder.trim().replace('\n', " ")
-        );
-        let deadline = Instant::now() + LOCK_TIMEOUT;
-        while file.try_lock().is_err() {
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    what: format!("{LOCK_PATH} (held by {})", holder.trim()),
-                    timeout: LOCK_TIMEOUT,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-    let me = std::env::args().collect::<Vec<_>>().join(" ");
-    let _ = file.set_len(0);
-    let _ = file.rewind();
-    let _ = writeln!(file, "pid {} {me}", std::process::id());
-    Ok(file)
 }
 
 fn emulated_host() -> Result<(crate::emulated::HostImage, QemuConfig)> {
@@ -485,6 +493,7 @@ fn plan_vm(spec: &VmSpec) -> Result<Plan> {
         payload: None,
         api_socket: spec.api_socket.clone(),
         echo: spec.echo,
+        suite_lock: spec.suite_lock,
     };
     match kind {
         HostKind::Direct => {

@@ -2,7 +2,8 @@
 //! and a full boot of our VMM with the stock guest.
 //!
 //! They run under plain `cargo test` (CI runs them), one VM at a time: each
-//! [`e2e::RunningVm`] holds a machine-wide file lock. A test that cannot run
+//! [`e2e::RunningVm`] holds the suite's machine-wide file lock
+//! (`e2e::locks::SuiteLock`; `E2E_SUITE_LOCK=0` lifts it). A test that cannot run
 //! here prints one `E2E-SKIP:` line with the reason (set `E2E_REQUIRE=1` to
 //! make that a failure instead). `E2E_ECHO=1` streams the consoles.
 

@@ -2,62 +2,12 @@
 //! itself (a reset before ready, a soft lockup of its kernel) is retried
 //! once, loudly; failures of `testhost-init`, the VMM or the guest never.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Duration;
 
-use e2e::emulated::{HostImage, QemuConfig};
-use e2e::{Error, HostJob};
-
-struct Fake {
-    dir: PathBuf,
-    script: PathBuf,
-}
-
-impl Fake {
-    fn new(name: &str, script: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("e2e-fake-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("script");
-        std::fs::write(&path, script).unwrap();
-        Fake { dir, script: path }
-    }
-
-    fn launch(&self) -> e2e::Result<e2e::RunningVm> {
-        self.launch_with(None)
-    }
-
-    fn launch_with(&self, api_socket: Option<PathBuf>) -> e2e::Result<e2e::RunningVm> {
-        let qemu = QemuConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_fake-qemu")));
-        let image = HostImage {
-            kernel: self.script.clone(),
-            modules: Vec::new(),
-            init: self.script.clone(),
-        };
-        e2e::launch_host_job_on(
-            qemu,
-            image,
-            HostJob::EchoServer,
-            api_socket,
-            Duration::from_secs(30),
-        )
-    }
-
-    fn starts(&self) -> u32 {
-        std::fs::read_to_string(self.script.with_extension("count"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-const READY: &str = "out: TESTHOST-READY init_ms=1 modules_ms=2 ready_ms=3";
+use common::{Fake, READY};
+use e2e::Error;
 
 #[test]
 fn reset_before_ready_is_retried_once() {

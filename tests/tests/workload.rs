@@ -186,12 +186,14 @@ fn cpu_follower_follows_a_seeded_random_churn() {
 }
 
 /// Runs the `launch` binary; (status, stdout, stderr). A run the emulated
-/// host itself failed (status 125, said on stderr) is run once more,
+/// host itself failed (status 123, said on stderr) is run once more,
 /// announced.
 fn launch(args: &[&str]) -> (Option<i32>, String, String) {
     let sock = std::env::temp_dir().join(format!("e2e-workload-{}.sock", std::process::id()));
     let once = || {
         let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+            // The suite's serialisation, which the launcher leaves off.
+            .env(e2e::locks::SUITE_LOCK_ENV, "1")
             .arg("--api-socket")
             .arg(&sock)
             .args(args)
@@ -204,7 +206,8 @@ fn launch(args: &[&str]) -> (Option<i32>, String, String) {
         )
     };
     let first = once();
-    if first.0 == Some(workload::status::VM_FAILED) && first.2.contains("the emulated host failed")
+    if first.0 == Some(workload::status::HOST_FAILED)
+        && first.2.contains("launch: the emulated KVM host failed (")
     {
         println!(
             "E2E-RETRY: the emulated host failed under the launcher; once more\n{}",

@@ -25,9 +25,6 @@ pub enum ConfigError {
         /// Maximum vCPUs.
         max: u32,
     },
-    /// `--memory` could not be parsed.
-    #[error("invalid --memory {0:?}: expected a size like 256M or 1G")]
-    MemorySyntax(String),
     /// `--serial` could not be parsed.
     #[error("invalid --serial {0:?}: expected stdout, off or file:PATH")]
     SerialSyntax(String),
@@ -102,20 +99,6 @@ impl FromStr for CpusConfig {
         let boot = boot.ok_or_else(syntax)?;
         Self::new(boot, max.unwrap_or(boot))
     }
-}
-
-/// Parses a memory size: bytes, or with a K/M/G suffix (binary units).
-pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let err = || ConfigError::MemorySyntax(s.to_string());
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 30),
-        _ => (t, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| err())?;
-    n.checked_mul(1u64 << shift).ok_or_else(err)
 }
 
 /// Where the console UART's output goes.
@@ -210,17 +193,6 @@ mod tests {
                 "{bad}"
             );
         }
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64k"), Ok(64 << 10));
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("99999999999G").is_err());
     }
 
     #[test]

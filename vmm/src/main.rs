@@ -10,9 +10,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use api::options;
 use clap::Parser;
 use vmm::boot::KernelSpec;
-use vmm::config::{parse_size, CpusConfig, SerialOutput, VmConfig};
+use vmm::config::{CpusConfig, SerialOutput, VmConfig};
 use vmm::event_loop::Vmm;
 use vmm::exit::{self, ExitStatus};
 use vmm::kvm_check::{self, KvmFlavor};
@@ -36,18 +37,17 @@ struct Cli {
     /// Initramfs (cpio, optionally compressed).
     #[arg(long)]
     initramfs: Option<PathBuf>,
-    /// Kernel command line (default: console=ttyS0 reboot=acpi panic=-1).
-    #[arg(long)]
+    // The help of --cmdline, --append and --memory is the launcher's too
+    // (api::options: one meaning in both programs).
+    #[arg(long, value_name = "STRING", help = options::VMM_CMDLINE_HELP)]
     cmdline: Option<String>,
-    /// Append to the kernel command line.
-    #[arg(long)]
+    #[arg(long, value_name = "STRING", help = options::APPEND_HELP)]
     append: Option<String>,
     /// vCPUs: boot=N,max=M (or just N).
     #[arg(long, default_value = "boot=1,max=8")]
     cpus: CpusConfig,
-    /// Guest memory, e.g. 256M or 1G.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    memory: u64,
+    #[arg(long, value_name = "SIZE", default_value = "256M", help = options::MEMORY_HELP)]
+    memory: options::Memory,
     /// Serve the HTTP API on this Unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -125,18 +125,15 @@ fn kernel_spec(cli: &Cli) -> anyhow::Result<KernelSpec> {
     let Some(kernel) = &cli.kernel else {
         bail!("{NO_KERNEL}");
     };
-    let mut spec = KernelSpec {
+    Ok(KernelSpec {
         kernel: kernel.clone(),
         initramfs: cli.initramfs.clone(),
-        cmdline: cli
-            .cmdline
-            .clone()
-            .unwrap_or_else(|| "console=ttyS0 reboot=acpi panic=-1".into()),
-    };
-    if let Some(extra) = &cli.append {
-        spec.cmdline = format!("{} {extra}", spec.cmdline);
-    }
-    Ok(spec)
+        cmdline: options::compose_cmdline(
+            options::VMM_DEFAULT_CMDLINE,
+            cli.cmdline.as_deref(),
+            cli.append.as_deref(),
+        ),
+    })
 }
 
 /// `Some(Signalled)` once SIGINT or SIGTERM came (checked between start-up steps).
@@ -178,7 +175,7 @@ fn run(cli: Cli, signals: &TerminateSignal) -> anyhow::Result<ExitStatus> {
     let cfg = VmConfig {
         kernel,
         cpus: cli.cpus,
-        memory: cli.memory,
+        memory: cli.memory.bytes(),
         api_socket: cli.api_socket.clone(),
         serial: cli.serial.clone(),
         test_hooks: cli.test_hooks,

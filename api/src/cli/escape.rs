@@ -44,7 +44,7 @@ fn escape_keeping<'a>(text: &'a str, keep: &[char]) -> Cow<'a, str> {
 }
 
 /// One field of server text, for a line of output: newlines escaped too.
-pub(crate) fn field(text: &str) -> Cow<'_, str> {
+pub fn field(text: &str) -> Cow<'_, str> {
     escape_keeping(text, &[])
 }
 

@@ -12,7 +12,7 @@
 //! from the guest, is printed with its control characters escaped, in the
 //! human output and in `--json` alike (`escape`).
 
-mod escape;
+pub mod escape;
 mod render;
 
 use std::ffi::OsString;

@@ -9,7 +9,7 @@ use super::escape::{self, field as esc};
 use crate::client::{ClientError, MutationOutcome};
 use crate::{
     FaultInjected, FaultTarget, GuestWorker, GuestWorkers, Operation, OperationKind,
-    OperationStatus, VcpuList, VmInfo,
+    OperationStatus, VcpuList, VmInfo, WorkloadInfo, WorkloadState,
 };
 
 fn agent(connected: Option<bool>, version: Option<&str>) -> String {
@@ -21,11 +21,35 @@ fn agent(connected: Option<bool>, version: Option<&str>) -> String {
     }
 }
 
+/// The `workload:` line of `status`; `error` is the guest's text, escaped.
+fn workload(w: Option<&WorkloadInfo>) -> String {
+    let Some(w) = w else {
+        return "none".to_owned();
+    };
+    let pid = w.pid.map(|p| format!("pid {p}, ")).unwrap_or_default();
+    let lines = format!("{} output lines", w.output_lines);
+    let status = w
+        .exit_status
+        .map_or_else(|| "?".to_owned(), |s| s.to_string());
+    match (w.state, w.signal) {
+        (WorkloadState::Running, _) => format!("running ({pid}{lines})"),
+        (WorkloadState::Exited, Some(sig)) => {
+            format!("killed by signal {sig}, status {status} ({pid}{lines})")
+        }
+        (WorkloadState::Exited, None) => format!("exited with status {status} ({pid}{lines})"),
+        (WorkloadState::Failed, _) => format!(
+            "could not start, status {status}: {}",
+            esc(w.error.as_deref().unwrap_or("no reason given"))
+        ),
+    }
+}
+
 /// `status`.
 pub(super) fn vm(vm: &VmInfo) -> String {
     let agent = agent(vm.agent_connected, vm.agent_version.as_deref());
+    let workload = workload(vm.workload.as_ref());
     format!(
-        "state:        {}\nvCPUs:        {} present ({} at boot, {} max)\nmemory:       {} MiB\nguest agent:  {agent}\n",
+        "state:        {}\nvCPUs:        {} present ({} at boot, {} max)\nmemory:       {} MiB\nguest agent:  {agent}\nworkload:     {workload}\n",
         vm.state, vm.present_vcpus, vm.boot_vcpus, vm.max_vcpus, vm.memory_mib
     )
 }
@@ -460,6 +484,70 @@ mod tests {
         let text = vm(&info);
         assert!(text.contains("2 present (1 at boot, 8 max)"), "{text}");
         assert!(text.contains("connected (version 1.2)"), "{text}");
+        assert!(text.ends_with("workload:     none\n"), "{text}");
+    }
+
+    #[test]
+    fn vm_text_shows_the_workload_escaped() {
+        let with = |w: WorkloadInfo| {
+            vm(&VmInfo {
+                state: VmState::Running,
+                boot_vcpus: 1,
+                max_vcpus: 4,
+                present_vcpus: 1,
+                memory_mib: 256,
+                agent_connected: Some(true),
+                agent_version: None,
+                workload: Some(w),
+            })
+        };
+        let base = WorkloadInfo {
+            state: WorkloadState::Running,
+            pid: Some(97),
+            exit_status: None,
+            signal: None,
+            error: None,
+            output_lines: 12,
+        };
+        let text = with(base.clone());
+        assert!(
+            text.contains("\nworkload:     running (pid 97, 12 output lines)\n"),
+            "{text}"
+        );
+        let text = with(WorkloadInfo {
+            state: WorkloadState::Exited,
+            exit_status: Some(3),
+            ..base.clone()
+        });
+        assert!(
+            text.contains("workload:     exited with status 3 (pid 97, 12 output lines)\n"),
+            "{text}"
+        );
+        let text = with(WorkloadInfo {
+            state: WorkloadState::Exited,
+            exit_status: Some(137),
+            signal: Some(9),
+            ..base.clone()
+        });
+        assert!(text.contains("killed by signal 9, status 137"), "{text}");
+        // The guest's reason: control characters and escapes come out
+        // visible, never raw, on the workload's one line.
+        let text = with(WorkloadInfo {
+            state: WorkloadState::Failed,
+            pid: None,
+            exit_status: Some(127),
+            error: Some("no such file\u{1b}[2J\nfake: line\u{202e}".into()),
+            ..base
+        });
+        assert!(
+            text.contains(
+                "workload:     could not start, status 127: \
+                 no such file\\u{1b}[2J\\nfake: line\\u{202e}\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(['\u{1b}', '\u{202e}']), "{text}");
+        assert_eq!(text.lines().count(), 5, "{text}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p e2e --bin launch -- [--api-socket PATH] \
-//!     [--cpus boot=1,max=8] [--memory 256M] [--cmdline "loglevel=7"] [--host emulated] \
+//!     [--cpus boot=1,max=8] [--memory 256M] [--append "loglevel=7"] [--host emulated] \
 //!     [--seccomp enforce|log|off]
 //! ```
 //!
@@ -16,7 +16,15 @@
 //! it (direct) or the forward does (emulated).
 //!
 //! The console streams to stdout; the launcher's own lines go to stderr.
-//! Exits with the VMM's status; Ctrl-C (or SIGTERM) stops everything.
+//! Exits with the VMM's status (0 to 7, see the README); Ctrl-C (or
+//! SIGTERM) stops everything (130); 1 is the launcher's own error. When
+//! the emulated KVM host itself fails under the VM (a reset, its kernel
+//! panicking, e.g. on a stack overflow in its KVM, a lockup, silence past
+//! `--timeout`, or the nested guest failing as the nested emulation makes
+//! it fail), it says so in one line, `launch: the emulated KVM host failed
+//! (<classification>): this is a fault of the nested emulation on this
+//! machine, not of the guest or the VMM; see tests/README.md`, and exits
+//! with 123 (`e2e::launcher::HOST_FAILED`), in both modes.
 //!
 //! With `--run CMD` it runs your program in the guest instead, beside the
 //! agent, with your `--add`ed files, under an optional `--churn`, and
@@ -34,7 +42,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use e2e::{Echo, HostKind, VmSpec};
+use e2e::{Echo, VmSpec};
 
 /// Boot the default guest with the VMM and expose its API socket.
 #[derive(Debug, Parser)]
@@ -48,12 +56,14 @@ struct Args {
     /// vCPUs: `boot=N,max=M` or `N`.
     #[arg(long, default_value = "boot=1,max=8")]
     cpus: String,
-    /// Guest memory, e.g. `256M` or `1G`.
-    #[arg(long, default_value = "256M")]
-    memory: String,
-    /// Extra guest kernel command line parameters.
-    #[arg(long, default_value = "")]
-    cmdline: String,
+    // --memory, --cmdline and --append mean what they mean to `vmm`
+    // (api::options parses them for both).
+    #[arg(long, value_name = "SIZE", default_value = "256M", help = api::options::MEMORY_HELP)]
+    memory: api::options::Memory,
+    #[arg(long, value_name = "STRING", help = CMDLINE_HELP)]
+    cmdline: Option<String>,
+    #[arg(long, value_name = "STRING", help = api::options::APPEND_HELP)]
+    append: Option<String>,
     /// Force the host: direct or emulated (default: automatic, `E2E_HOST`).
     #[arg(long)]
     host: Option<String>,
@@ -85,16 +95,11 @@ fn parse_cpus(s: &str) -> Result<(u32, u32)> {
     Ok((boot, max.unwrap_or(boot)))
 }
 
-fn parse_mib(s: &str) -> Result<u32> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().last() {
-        Some((i, 'G' | 'g')) => (&s[..i], 1024),
-        Some((i, 'M' | 'm')) => (&s[..i], 1),
-        _ => (s, 1),
-    };
-    let n: u32 = num.parse().with_context(|| format!("--memory {s:?}"))?;
-    n.checked_mul(mul).context("--memory too large")
-}
+/// `--cmdline`'s help: the default it replaces is the guest image's
+/// (`resources::default_cmdline`; a test checks they agree).
+const CMDLINE_HELP: &str = "Guest kernel command line, replacing the default guest \
+image's (console=ttyS0 quiet reboot=k panic=-1 pci=off rdinit=/init); --append adds \
+to it instead";
 
 /// The socket: `flag`, else `env` ($VMM_SOCKET), else the default path,
 /// whose private directory is created if need be.
@@ -144,14 +149,18 @@ fn run() -> Result<i32> {
         std::env::var_os(api::socket::SOCKET_ENV),
     )?;
     let mut spec = VmSpec::new(boot, max)
-        .cmdline(&args.cmdline)
+        .cmdline(args.append.as_deref().unwrap_or(""))
         .vmm_arg("--seccomp")
         .vmm_arg(&args.seccomp);
-    spec.memory_mib = parse_mib(&args.memory)?;
+    spec.base_cmdline = args.cmdline.clone();
+    spec.memory_mib = args.memory.mib();
     spec.api_socket = Some(socket.clone());
     spec.host = host;
     spec.timeout = timeout;
     spec.echo = Echo::Stdout;
+    // Several launchers may run at once (distinct API sockets); the test
+    // suite's own lock only with E2E_SUITE_LOCK=1.
+    spec.suite_lock = e2e::locks::suite_lock_from_env(false);
 
     if args.workload.wanted() {
         let limit = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
@@ -165,40 +174,16 @@ fn run() -> Result<i32> {
     }
 
     eprintln!("launch: preparing the guest image, the static vmm and the emulated host if needed");
-    let mut vm = e2e::launch(&spec)?;
-    let sock = vm.api_socket().display().to_string();
-    match vm.host_kind() {
-        HostKind::Direct => eprintln!("launch: VMM running on this machine's /dev/kvm"),
-        HostKind::Emulated => {
-            let t = vm.host_timings().unwrap_or_default();
-            eprintln!(
-                "launch: VMM running inside the emulated KVM host (ready after {:.1} s); \
-                 its API socket is forwarded over the host's ttyS1",
-                t.to_ready.as_secs_f64()
-            );
-        }
-    }
-    eprintln!("launch: API socket: {sock}");
-    eprintln!("launch: try: curl --unix-socket {sock} http://localhost/api/v1/vm");
-    if socket == api::socket::from_env() {
-        eprintln!("launch:  or: vmmctl status   (cargo run -p api --bin vmmctl -- status)");
-    } else {
-        eprintln!("launch:  or: VMM_SOCKET={sock} vmmctl status");
-    }
-    eprintln!("launch: Ctrl-C stops the VM");
-
-    loop {
-        if let Some(status) = vm.try_exit()? {
-            eprintln!("launch: VMM exited with status {status}");
-            return Ok(status);
-        }
-        if let Ok(sig) = sig_rx.try_recv() {
-            eprintln!("launch: signal {sig}: stopping the VM");
-            vm.kill();
-            return Ok(130);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let socket_is_default = socket == api::socket::from_env();
+    let mut say = |line: &str| eprintln!("launch: {line}");
+    let interrupted = || sig_rx.try_recv().ok();
+    let mut plain = e2e::launcher::Plain {
+        say: &mut say,
+        interrupted: &interrupted,
+        timeout: (args.timeout > 0).then_some(timeout),
+        socket_is_default,
+    };
+    Ok(plain.run(|| e2e::launch(&spec)))
 }
 
 #[cfg(test)]
@@ -212,9 +197,50 @@ mod tests {
         assert_eq!(parse_cpus("boot=2,max=8").unwrap(), (2, 8));
         assert_eq!(parse_cpus("4").unwrap(), (4, 4));
         assert!(parse_cpus("max=4").is_err());
-        assert_eq!(parse_mib("256M").unwrap(), 256);
-        assert_eq!(parse_mib("1G").unwrap(), 1024);
-        assert_eq!(parse_mib("512").unwrap(), 512);
+    }
+
+    /// `--memory`, `--cmdline` and `--append` mean what they mean to `vmm`:
+    /// the same parser, the same composition, the VMM given the result.
+    #[test]
+    fn memory_and_cmdline_mean_what_they_mean_to_the_vmm() {
+        let args = Args::try_parse_from([
+            "launch",
+            "--memory",
+            "512",
+            "--cmdline",
+            "console=ttyS0 loglevel=7",
+            "--append",
+            "agent.trace",
+        ])
+        .unwrap();
+        assert_eq!(args.memory.mib(), 512);
+        for (given, mib) in [("1G", 1024), ("300M", 300), ("64", 64)] {
+            let a = Args::try_parse_from(["launch", "--memory", given]).unwrap();
+            assert_eq!(a.memory, api::options::parse_memory(given).unwrap());
+            assert_eq!(a.memory.mib(), mib);
+        }
+        for bad in ["1.5G", "16M", "lots", "1536K"] {
+            assert!(
+                Args::try_parse_from(["launch", "--memory", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        let mut spec = VmSpec::new(1, 2).cmdline(args.append.as_deref().unwrap_or(""));
+        spec.base_cmdline = args.cmdline.clone();
+        spec.memory_mib = args.memory.mib();
+        let argv = spec.vmm_args("k", "i", "console=ttyS0 quiet", "s");
+        let value = |flag: &str| {
+            let i = argv.iter().position(|a| a == flag).unwrap();
+            argv[i + 1].clone()
+        };
+        // --cmdline replaced the image's default; --append came after it.
+        assert_eq!(value("--cmdline"), "console=ttyS0 loglevel=7 agent.trace");
+        assert_eq!(value("--memory"), "512M");
+        // Without --cmdline the image's default stays, --append after it.
+        let appended = VmSpec::new(1, 2).cmdline("agent.trace");
+        let argv = appended.vmm_args("k", "i", "console=ttyS0 quiet", "s");
+        assert!(argv.iter().any(|a| a == "console=ttyS0 quiet agent.trace"));
+        assert!(CMDLINE_HELP.contains(&format!("({})", resources::default_cmdline())));
     }
 
     #[test]

@@ -175,17 +175,34 @@ pub fn main(
     term.note(
         "preparing the guest image with your files, the static vmm and the emulated host if needed",
     );
-    match run(&cfg, &mut term, interrupted) {
+    conclude(run(&cfg, &mut term, interrupted), &mut term)
+}
+
+/// The end of a run: its last line and the exit status ([`super::status`]).
+/// A failure of the emulated KVM host is said in its own one line
+/// (`crate::launcher::host_failure_line`) with [`status::HOST_FAILED`].
+pub fn conclude(result: Result<super::Outcome, RunError>, sink: &mut dyn Sink) -> i32 {
+    match result {
+        Ok(outcome)
+            if outcome.status == status::HOST_FAILED && outcome.workload_status.is_none() =>
+        {
+            sink.note(&outcome.summary);
+            outcome.status
+        }
         Ok(outcome) => {
-            term.note(&format!("{} (exit {})", outcome.summary, outcome.status));
+            sink.note(&format!("{} (exit {})", outcome.summary, outcome.status));
             outcome.status
         }
         Err(RunError::Input(e)) => {
-            term.note(&format!("error: {e}"));
+            sink.note(&format!("error: {e}"));
             status::USAGE
         }
+        Err(RunError::Harness(crate::Error::HostFailed(why))) => {
+            sink.note(&crate::launcher::host_failure_line(&why));
+            status::HOST_FAILED
+        }
         Err(RunError::Harness(e)) => {
-            term.note(&format!("error: {}", crate::chain(&e)));
+            sink.note(&format!("error: {}", crate::chain(&e)));
             status::VM_FAILED
         }
     }

@@ -26,13 +26,14 @@ pub mod cli;
 pub mod image;
 mod run;
 
-pub use run::{parse_line, run, Config, Outcome, RunError, Sink, VmmLine};
+pub use run::{follow, parse_line, run, Config, Outcome, RunError, Sink, VmmLine};
 
 /// The launcher's exit statuses with `--run`.
 ///
 /// | status | meaning |
 /// |---|---|
-/// | 0-123 | the workload's own exit status |
+/// | 0-122 | the workload's own exit status |
+/// | 123 | the emulated KVM host failed under the VM (a reset, a panic such as its kernel stack overflowing, a lockup, silence, or the nested guest failing the way the nested emulation makes it fail): the nested emulation's fault on this machine, not the guest's or the VMM's; said in one line, `launch: the emulated KVM host failed (...)`. Plain mode (without `--run`) too |
 /// | 2 | bad options or unusable `--add` files (nothing booted), e.g. a dynamically linked program whose libraries cannot be found |
 /// | 124 | a churn step failed (the resize was refused, failed or timed out); the VM is stopped |
 /// | 125 | the VM or the guest failed before the workload ended (VMM error, guest reset or crash, agent failure, `--timeout`), or the launcher could not prepare the run |
@@ -41,11 +42,15 @@ pub use run::{parse_line, run, Config, Outcome, RunError, Sink, VmmLine};
 /// | 128+N | the workload was killed by signal N |
 /// | 130 | the launcher got SIGINT or SIGTERM (the VM is stopped) |
 ///
-/// The workload's own statuses 124 to 127 and above 128 read the same as
-/// these, as they do in a shell.
+/// The workload's own statuses 123 to 127 and above 128 read the same as
+/// these, as they do in a shell. Without `--run` the launcher exits with
+/// the VMM's status (0 to 7, its README table), 1 for its own errors, 123
+/// and 130 as here.
 pub mod status {
     /// Bad options or files.
     pub const USAGE: i32 = 2;
+    /// The emulated KVM host failed (the nested emulation's fault).
+    pub const HOST_FAILED: i32 = 123;
     /// A churn step failed.
     pub const CHURN_FAILED: i32 = 124;
     /// The VM or the guest failed, or the run could not be prepared.

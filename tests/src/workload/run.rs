@@ -154,7 +154,18 @@ pub fn run(
     let mut spec = cfg.spec.clone();
     spec.initramfs = Some(image.path.clone());
     spec.echo = Echo::Off;
-    let mut vm = crate::launch(&spec)?;
+    follow(cfg, crate::launch(&spec), sink, interrupted)
+}
+
+/// The run once the VM is launched (or failed to): follows `vm` to the
+/// end. [`run`] after building the image; tests give it a VM of their own.
+pub fn follow(
+    cfg: &Config,
+    vm: crate::Result<RunningVm>,
+    sink: &mut dyn Sink,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Outcome, RunError> {
+    let mut vm = vm?;
     let sock = vm.api_socket().display().to_string();
     sink.note(&match vm.host_kind() {
         HostKind::Direct => "VMM running on this machine's /dev/kvm".to_owned(),
@@ -321,18 +332,29 @@ fn finish(
         return outcome(vm, &st, status::CHURN_FAILED, line.clone());
     }
     show_tail(vm, sink);
+    // The emulated host's own failure (or the nested guest's, as the
+    // nested emulation makes it fail) is not the VM's: its own status.
+    let host = match &ended {
+        Some(Err(crate::Error::HostFailed(why))) => Some(why.clone()),
+        _ => vm.host_failure(),
+    }
+    .or_else(|| vm.nested_guest_failure());
+    if let Some(why) = host {
+        let mut out = outcome(
+            vm,
+            &st,
+            status::HOST_FAILED,
+            crate::launcher::host_failure_line(&why),
+        );
+        out.host_failure.get_or_insert(why);
+        return out;
+    }
     let summary = if st.started.is_some() {
         format!("the VM ended while the workload ran: {vmm}")
     } else {
         format!("the VM ended before the workload started: {vmm}")
     };
-    let mut out = outcome(vm, &st, status::VM_FAILED, summary);
-    if let Some(Err(e)) = &ended {
-        if e.is_host_failure() && out.host_failure.is_none() {
-            out.host_failure = Some(e.to_string());
-        }
-    }
-    out
+    outcome(vm, &st, status::VM_FAILED, summary)
 }
 
 #[cfg(test)]

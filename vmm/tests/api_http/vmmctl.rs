@@ -34,7 +34,7 @@ fn status_and_vcpus() {
     assert_eq!(run.code, EXIT_OK, "{}", run.err);
     assert_eq!(
         run.out,
-        format!("state:        running\nvCPUs:        {BOOT} present ({BOOT} at boot, {MAX} max)\nmemory:       512 MiB\nguest agent:  unknown\n")
+        format!("state:        running\nvCPUs:        {BOOT} present ({BOOT} at boot, {MAX} max)\nmemory:       512 MiB\nguest agent:  unknown\nworkload:     none\n")
     );
     let run = vmmctl(&h, &["--json", "status"]);
     let vm: VmInfo = serde_json::from_str(&run.out).unwrap();
