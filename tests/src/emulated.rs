@@ -219,6 +219,32 @@ pub struct EmulatedHost {
 /// How long past the job's own bound `testhost-init` has to report it.
 pub const JOB_REPORT_GRACE: Duration = Duration::from_secs(30);
 
+/// A running emulated host whose kernel has not printed
+/// [`job::ALIVE`] for this long has frozen (it prints it every
+/// [`job::ALIVE_EVERY`]; seen: a host that stopped mid-hot-add with
+/// `npt=0`, its console and the API silent from then on).
+pub const FROZEN_AFTER: Duration = Duration::from_secs(30);
+
+/// If the heartbeat of the emulated host's kernel stopped: its last
+/// [`job::ALIVE`] among `lines` (with their console times) is more than
+/// [`FROZEN_AFTER`] before `now`. `None` before the first heartbeat.
+pub fn frozen_host<'a>(
+    lines: impl DoubleEndedIterator<Item = (Duration, &'a str)>,
+    now: Duration,
+) -> Option<String> {
+    let last = lines
+        .rev()
+        .find(|(_, text)| text.starts_with(job::HOST_PREFIX) && text.contains(job::ALIVE))?
+        .0;
+    let silent = now.saturating_sub(last);
+    (silent > FROZEN_AFTER).then(|| {
+        format!(
+            "the emulated host froze: its kernel's heartbeat stopped {}s ago",
+            silent.as_secs()
+        )
+    })
+}
+
 impl EmulatedHost {
     /// Boots the emulated host once and waits for `TESTHOST-READY`.
     /// `workdir` holds the initramfs and the link socket; `api_socket`, if
@@ -370,6 +396,10 @@ impl EmulatedHost {
         let texts = lines.iter().map(|l| l.text.as_str());
         match job::outcome(texts, false, self.console.closed()) {
             job::Outcome::HostFailed(why) => Some(self.with_qemu_account(why)),
+            job::Outcome::Running => frozen_host(
+                lines.iter().map(|l| (l.at, l.text.as_str())),
+                self.console.start().elapsed(),
+            ),
             _ => None,
         }
     }
@@ -607,6 +637,25 @@ mod silent_tests {
         let s = Duration::from_secs;
         assert!(silent_host(s(120), s(60)).is_some());
         assert!(silent_host(s(80), s(60)).is_none());
+    }
+
+    #[test]
+    fn a_host_whose_heartbeat_stopped_has_frozen() {
+        let s = Duration::from_secs;
+        let alive = "host: [   12.5] TESTHOST-ALIVE up_ms=12500";
+        let lines = [
+            (s(10), alive),
+            (s(14), "GUEST-CPU online=0-1"),
+            (s(15), alive),
+        ];
+        assert_eq!(frozen_host(lines.iter().copied(), s(40)), None);
+        let why = frozen_host(lines.iter().copied(), s(50)).unwrap();
+        assert!(why.contains("froze") && why.contains("35s"), "{why}");
+        // Only the host's kernel console counts, and no heartbeat yet is
+        // no verdict.
+        let guest = [(s(1), "TESTHOST-ALIVE from the guest")];
+        assert_eq!(frozen_host(guest.iter().copied(), s(100)), None);
+        assert_eq!(frozen_host(std::iter::empty(), s(100)), None);
     }
 
     #[test]

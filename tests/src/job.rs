@@ -14,6 +14,13 @@ pub const READY: &str = "TESTHOST-READY";
 pub const EXIT: &str = "TESTHOST-EXIT";
 /// Printed on any failure of `testhost-init` itself.
 pub const ERROR: &str = "TESTHOST-ERROR";
+/// Written into the emulated host's kernel log every [`ALIVE_EVERY`] once
+/// it is ready, so that it reaches the harness on the kernel console
+/// (ttyS0, whole messages): a host whose kernel stopped printing it has
+/// frozen (see [`crate::emulated::FROZEN_AFTER`]).
+pub const ALIVE: &str = "TESTHOST-ALIVE";
+/// How often [`ALIVE`] is written.
+pub const ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A kernel module to load, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

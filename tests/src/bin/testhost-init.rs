@@ -76,6 +76,24 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
+/// Writes [`job::ALIVE`] into the kernel log every [`job::ALIVE_EVERY`]
+/// (the kernel prints it on ttyS0 as one message, never inside the job's
+/// lines on ttyS2). Best effort: without /dev/kmsg the harness just cannot
+/// tell a frozen host early.
+fn start_heartbeat() {
+    let Ok(mut kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") else {
+        say("testhost-init: no /dev/kmsg: no heartbeat");
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || loop {
+            // Level 5 (notice): on the console at the default log level.
+            let _ = writeln!(kmsg, "<5>{} up_ms={}", job::ALIVE, uptime_ms());
+            std::thread::sleep(job::ALIVE_EVERY);
+        });
+}
+
 fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
         .ok()
@@ -137,6 +155,7 @@ fn run() -> Result<()> {
         svm.join(" ")
     ));
 
+    start_heartbeat();
     let t = Instant::now();
     let status = run_job(&job)?;
     let line = match status.code() {
