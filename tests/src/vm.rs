@@ -367,6 +367,7 @@ pub fn run<T>(
                         vm.console_log()
                     );
                     retried = Some(note_retry(&Error::HostFailed(f)));
+                    note_last_lines(&vm);
                     continue;
                 }
                 eprintln!(
@@ -376,6 +377,23 @@ pub fn run<T>(
                 return Err(Error::Scenario(e));
             }
         }
+    }
+}
+
+/// The failed attempt's last console lines, escaped, past the test
+/// runner's capture (like the `E2E-RETRY:` line), so that a retry that
+/// then passes still shows what the failure looked like.
+fn note_last_lines(vm: &RunningVm) {
+    use std::io::Write;
+    let lines = vm.console().lines();
+    let mut out = std::io::stderr().lock();
+    for l in lines.iter().rev().take(12).rev() {
+        let _ = writeln!(
+            out,
+            "E2E-RETRY-CONSOLE: [{:>9.3}] {}",
+            l.at.as_secs_f64(),
+            api::cli::escape::field(&l.text)
+        );
     }
 }
 
