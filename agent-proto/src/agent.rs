@@ -145,6 +145,14 @@ pub enum GuestMessage {
         /// What went wrong.
         reason: String,
     },
+    /// A service agent (not the guest's init) is stopping on purpose (its
+    /// service manager stopped it): the VMM counts it gone at once rather
+    /// than after [`HEARTBEAT_MS`]-based silence, and again connected at
+    /// its next [`GuestMessage::Ready`]. Not a failure: the guest goes on.
+    Stopping {
+        /// Why (e.g. `signal=TERM`).
+        reason: String,
+    },
     /// The workload ([`crate::workload`]) started as the agent's child.
     WorkloadStarted {
         /// Its process id in the guest.
@@ -369,6 +377,9 @@ mod tests {
                 cpus: vec![(0, 0), (3, 2), (6, 1)],
             },
             GuestMessage::Heartbeat,
+            GuestMessage::Stopping {
+                reason: "signal=TERM".into(),
+            },
             GuestMessage::Cpu {
                 cpu: 6,
                 logical: Some(1),

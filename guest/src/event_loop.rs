@@ -339,6 +339,17 @@ fn step_workload(
 
 /// Pushes what the channel holds out of the guest (bounded), so that the
 /// VMM reads it before the power-off.
+/// Tells the VMM a service agent is stopping ([`GuestMessage::Stopping`]),
+/// waiting at most [`DRAIN_BEFORE_POWEROFF`] for it to leave.
+fn say_stopping(channel: &mut Option<Channel>, reason: &str) {
+    if let Some(ch) = channel.as_mut() {
+        ch.queue(&encode(&GuestMessage::Stopping {
+            reason: reason.to_owned(),
+        }));
+    }
+    drain_before_poweroff(channel);
+}
+
 fn drain_before_poweroff(channel: &mut Option<Channel>) {
     let Some(ch) = channel else { return };
     if let Err(e) = ch.drain(Instant::now() + DRAIN_BEFORE_POWEROFF) {
@@ -474,7 +485,12 @@ pub fn run(cfg: RunConfig<'_>) -> Result<Exit, AgentError> {
                         }
                     }
                     Signal::Stop(sig) => {
-                        return Ok(Exit::PowerOff(format!("signal={}", init::signal_name(sig))));
+                        let reason = format!("signal={}", init::signal_name(sig));
+                        if mode == Mode::Service {
+                            // Gone on purpose: the VMM stops waiting at once.
+                            say_stopping(&mut channel, &reason);
+                        }
+                        return Ok(Exit::PowerOff(reason));
                     }
                 }
             }
@@ -518,6 +534,35 @@ mod tests {
         std::io::Write::write_all(&mut b, b"x").unwrap();
         poll_fds(&mut fds, None).unwrap();
         assert_ne!(fds[0].revents & libc::POLLIN, 0);
+    }
+
+    #[test]
+    fn a_stopping_service_tells_the_vmm() {
+        use std::io::BufRead;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // The VMM's side reads while the agent drains (the drain waits for
+        // the bytes to be taken).
+        let vmm = std::thread::spawn(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(b).read_line(&mut line).unwrap();
+            line
+        });
+        let mut channel = Some(Channel::from_fd(a.into()).unwrap());
+        let start = Instant::now();
+        say_stopping(&mut channel, "signal=TERM");
+        assert!(
+            start.elapsed() < DRAIN_BEFORE_POWEROFF,
+            "drained, not timed out"
+        );
+        let line = vmm.join().unwrap();
+        assert_eq!(
+            agent_proto::agent::decode::<GuestMessage>(line.as_bytes()).unwrap(),
+            GuestMessage::Stopping {
+                reason: "signal=TERM".into()
+            }
+        );
+        // Without a channel there is nobody to tell, and nothing fails.
+        say_stopping(&mut None, "signal=INT");
     }
 
     #[test]

@@ -368,6 +368,11 @@ impl<M: Machine> Coordinator<M> {
                 log::error!("guest agent failed: {}", reason.escape_debug());
                 self.agent_failure = Some(reason);
             }
+            GuestMessage::Stopping { reason } => {
+                // The session counts it gone; what waits on it now ends by
+                // its own deadline, and new requests take the no-agent path.
+                log::info!("guest agent stopping: {}", reason.escape_debug());
+            }
             GuestMessage::Workers { .. } | GuestMessage::Heartbeat => {}
             workload @ (GuestMessage::WorkloadStarted { .. }
             | GuestMessage::WorkloadOutput { .. }

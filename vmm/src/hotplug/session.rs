@@ -32,6 +32,9 @@ pub struct AgentSession {
     last_prepared: Option<Instant>,
     snapshot_at: Option<Instant>,
     snapshot_asked: Option<Instant>,
+    /// The agent said it is stopping (a service agent stopped on purpose)
+    /// and has not said ready since.
+    stopped: bool,
 }
 
 impl std::fmt::Debug for AgentSession {
@@ -53,6 +56,7 @@ impl AgentSession {
             last_prepared: None,
             snapshot_at: None,
             snapshot_asked: None,
+            stopped: false,
         }
     }
 
@@ -61,10 +65,11 @@ impl AgentSession {
         &self.link
     }
 
-    /// Whether the agent said ready and has spoken within
-    /// [`AGENT_SILENCE_LIMIT`].
+    /// Whether the agent said ready, has not said it is stopping since, and
+    /// has spoken within [`AGENT_SILENCE_LIMIT`].
     pub fn connected(&self, now: Instant) -> bool {
-        self.link.version().is_some()
+        !self.stopped
+            && self.link.version().is_some()
             && self
                 .last_seen
                 .is_some_and(|t| now.saturating_duration_since(t) < AGENT_SILENCE_LIMIT)
@@ -85,7 +90,9 @@ impl AgentSession {
             GuestMessage::Ready { .. } => {
                 self.snapshot_at = None;
                 self.snapshot_asked = None;
+                self.stopped = false;
             }
+            GuestMessage::Stopping { .. } => self.stopped = true,
             GuestMessage::Workers { .. } => self.snapshot_at = Some(now),
             GuestMessage::Prepared { .. } => self.last_prepared = Some(now),
             _ => {}
@@ -202,6 +209,33 @@ pub mod tests {
         assert_eq!(take_sent(&sent), vec![HostMessage::Snapshot]);
         s.maybe_ask_snapshot(later + SNAPSHOT_REQUEST_INTERVAL);
         assert_eq!(take_sent(&sent), vec![HostMessage::Snapshot]);
+    }
+
+    #[test]
+    fn a_stopping_agent_is_gone_at_once_until_it_is_ready_again() {
+        let (mut s, _) = session();
+        let t0 = Instant::now();
+        let ready = GuestMessage::Ready {
+            version: "1".into(),
+            online: vec![0],
+            cpus: vec![],
+        };
+        s.on_line(line(&ready), t0);
+        assert!(s.connected(t0));
+        let stopping = GuestMessage::Stopping {
+            reason: "signal=TERM".into(),
+        };
+        assert!(s.on_line(line(&stopping), t0).is_some());
+        assert!(!s.connected(t0));
+        assert_eq!(s.connection_state(t0), Some(false));
+        // A late line of the old agent does not bring it back ...
+        s.on_line(line(&GuestMessage::Heartbeat), t0);
+        assert!(!s.connected(t0));
+        assert_eq!(s.next_wake(t0), None);
+        // ... its successor's ready does.
+        let t1 = t0 + Duration::from_secs(1);
+        s.on_line(line(&ready), t1);
+        assert!(s.connected(t1));
     }
 
     #[test]
