@@ -368,8 +368,10 @@ impl EmulatedHost {
                 Ok(())
             }
             job::Outcome::Error(line) => Err(Error::Testhost(line)),
-            job::Outcome::HostFailed(why) => Err(Error::HostFailed(why)),
-            job::Outcome::Running => Err(Error::HostFailed("no ready marker".into())),
+            job::Outcome::HostFailed(why) => Err(Error::HostFailed(self.with_qemu_account(why))),
+            job::Outcome::Running => Err(Error::HostFailed(
+                self.with_qemu_account("no ready marker".into()),
+            )),
         }
     }
 
