@@ -214,7 +214,15 @@ pub struct EmulatedHost {
     job_timeout: Duration,
     /// The outer QEMU's own log ([`QEMU_DEBUG_LOG`]).
     debug_log: PathBuf,
+    /// Console mark up to which `TESTHOST-EXIT` was looked for.
+    exit_scan: usize,
+    /// When `TESTHOST-EXIT` arrived (console time), once it did.
+    exit_seen_at: Option<Duration>,
 }
+
+/// How long the emulated host has to power off after `TESTHOST-EXIT`
+/// (it takes well under a second) before it is stopped.
+pub const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 
 /// How long past the job's own bound `testhost-init` has to report it.
 pub const JOB_REPORT_GRACE: Duration = Duration::from_secs(30);
@@ -335,6 +343,8 @@ impl EmulatedHost {
             timings: HostTimings::default(),
             job_timeout: payload.timeout,
             debug_log,
+            exit_scan: 0,
+            exit_seen_at: None,
         };
         host.wait_ready()?;
         Ok(host)
@@ -414,11 +424,38 @@ impl EmulatedHost {
         }
     }
 
+    /// Whether `TESTHOST-EXIT` came more than [`POWEROFF_GRACE`] ago while
+    /// QEMU still runs. Reads the console from where it last stopped.
+    fn hung_after_exit(&mut self) -> bool {
+        if self.exit_seen_at.is_none() {
+            let follow = self.console.follow(self.exit_scan);
+            self.exit_scan = follow.next;
+            self.exit_seen_at = follow
+                .lines
+                .iter()
+                .find(|l| job::parse_exit(&l.text).is_some())
+                .map(|l| l.at);
+        }
+        self.exit_seen_at
+            .is_some_and(|at| self.console.start().elapsed().saturating_sub(at) > POWEROFF_GRACE)
+    }
+
     /// The job's exit status from `TESTHOST-EXIT` once QEMU has ended;
     /// `None` while it runs.
     pub fn try_exit(&mut self) -> Result<Option<i32>> {
         match self.qemu.try_wait() {
             Ok(Some(_)) => {}
+            Ok(None) if self.hung_after_exit() => {
+                // The job's status is final once reported; a host that then
+                // hangs on its way down (seen: an RCU stall of its kernel
+                // during power-off) is stopped, not waited for.
+                self.console.push(&format!(
+                    "e2e: the emulated host did not power off within {}s of {}: stopping it",
+                    POWEROFF_GRACE.as_secs(),
+                    job::EXIT
+                ));
+                self.kill();
+            }
             Ok(None) => return Ok(None),
             Err(e) => return Err(Error::io("cannot wait for QEMU", e)),
         }

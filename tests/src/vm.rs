@@ -177,7 +177,7 @@ pub enum HostJob {
 
 enum Backend {
     Direct(Child),
-    Emulated(EmulatedHost),
+    Emulated(Box<EmulatedHost>),
 }
 
 impl std::fmt::Debug for Backend {
@@ -436,7 +436,7 @@ fn boot_once(plan: &Plan, leases: &Arc<Leases>) -> Result<RunningVm> {
                 console.clone(),
             );
             match host {
-                Ok(host) => Backend::Emulated(host),
+                Ok(host) => Backend::Emulated(Box::new(host)),
                 Err(e) => {
                     // Rare and worth seeing even if the retry passes.
                     use std::io::Write;

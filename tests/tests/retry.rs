@@ -107,3 +107,26 @@ fn vmm_failure_after_ready_is_its_status_not_a_retry() {
     assert!(vm.host_failure().is_none());
     assert_eq!(fake.starts(), 1);
 }
+
+#[test]
+fn a_host_that_hangs_after_reporting_the_exit_gives_that_status() {
+    // Seen: the emulated host's kernel stalled (RCU) during power-off after
+    // `TESTHOST-EXIT status=0`, and QEMU never ended.
+    let fake = Fake::new(
+        "hang-after-exit",
+        &format!(
+            "--- attempt 1\n{READY}\nout: TESTHOST-EXIT status=0 run_ms=5\n\
+             kcon: [ 25.6] rcu: INFO: rcu_preempt self-detected stall on CPU\nsleep 120000\n"
+        ),
+    );
+    let mut vm = fake.launch().unwrap();
+    let start = std::time::Instant::now();
+    assert_eq!(vm.wait_exit(Duration::from_secs(60)).unwrap(), 0);
+    let waited = start.elapsed();
+    assert!(
+        waited >= e2e::emulated::POWEROFF_GRACE && waited < Duration::from_secs(30),
+        "stopped after the grace, not at the deadline: {waited:?}"
+    );
+    assert!(vm.console_log().contains("did not power off"));
+    assert_eq!(fake.starts(), 1);
+}
