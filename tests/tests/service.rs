@@ -9,7 +9,9 @@
 //! hot-remove through the API: the API's view and the guest's agree, the
 //! operations complete on the agent's reports (not on the bare ACPI
 //! events), and the hook ran for add, online, offline and remove, in that
-//! order.
+//! order. Then the hook stops the agent (SIGTERM): the VMM hears it is
+//! `stopping`, init respawns it, and a second add completes through the new
+//! agent.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -42,9 +44,15 @@ const RCS: &str = "#!/bin/sh
 echo \"SERVICE-INIT up: pid1=$(/bin/busybox cat /proc/1/comm)\"
 ";
 
-/// The user's hook: one recognisable line per CPU event.
+/// The user's hook: one recognisable line per CPU event. On the first
+/// `remove` it also stops the agent (SIGTERM, as `systemctl stop` would),
+/// which init then respawns.
 const HOOK: &str = "#!/bin/sh
 echo \"CPU-HOOK event=$VMM_CPU_EVENT cpu=$VMM_CPU vcpu=${VMM_VCPU_ID:-?}\"
+if [ \"$VMM_CPU_EVENT\" = remove ] && [ ! -e /tmp/agent-stopped ]; then
+  : > /tmp/agent-stopped
+  /bin/busybox kill -TERM $(/bin/busybox pidof guest-agent)
+fi
 ";
 
 /// A scratch directory removed when dropped.
@@ -170,6 +178,8 @@ fn scenario(vm: &mut RunningVm) -> TestResult {
 
     // Hot-remove: the agent offlines it on the VMM's request, the guest
     // ejects it; the hook runs for the offline and the remove.
+    // (The agent's restart below happens from here on.)
+    let mark = vm.console_mark();
     finished("remove", client.remove_vcpu(ADDED, Some(WAIT)))?;
     wait_guest_online(vm, &set([0]), WAIT)?;
     wait_hook(vm, &format!("event=offline cpu={cpu} vcpu={ADDED}"))?;
@@ -187,6 +197,24 @@ fn scenario(vm: &mut RunningVm) -> TestResult {
     if events != want {
         return Err(format!("hook events {events:?}, expected {want:?}").into());
     }
+
+    // The hook stopped the agent on that remove (SIGTERM): it told the VMM
+    // it was stopping, init respawned it, and the new agent took the
+    // conversation (and the mailbox) up again: a second add completes on
+    // its report.
+    vm.wait_for_console("guest agent stopping: signal=SIGTERM", WAIT)?;
+    vm.wait_for_console("GUEST-AGENT-EXIT signal=SIGTERM", WAIT)?;
+    let (_, again) = vm.wait_for_console_after(mark, "GUEST-READY", WAIT)?;
+    println!("respawned agent: {again}");
+    let deadline = Instant::now() + WAIT;
+    while client.vm()?.agent_connected != Some(true) {
+        if Instant::now() > deadline {
+            return Err(format!("respawned agent not connected: {:?}", client.vm()?).into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    finished("add after the respawn", client.add_vcpu(ADDED, Some(WAIT)))?;
+    wait_guest_online(vm, &set([0, ADDED]), WAIT)?;
 
     let log = vm.console_log();
     for bad in [
