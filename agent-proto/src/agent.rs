@@ -150,7 +150,7 @@ pub enum GuestMessage {
     /// than after [`HEARTBEAT_MS`]-based silence, and again connected at
     /// its next [`GuestMessage::Ready`]. Not a failure: the guest goes on.
     Stopping {
-        /// Why (e.g. `signal=TERM`).
+        /// Why (e.g. `signal=SIGTERM`).
         reason: String,
     },
     /// The workload ([`crate::workload`]) started as the agent's child.
@@ -378,7 +378,7 @@ mod tests {
             },
             GuestMessage::Heartbeat,
             GuestMessage::Stopping {
-                reason: "signal=TERM".into(),
+                reason: "signal=SIGTERM".into(),
             },
             GuestMessage::Cpu {
                 cpu: 6,

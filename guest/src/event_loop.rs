@@ -549,7 +549,7 @@ mod tests {
         });
         let mut channel = Some(Channel::from_fd(a.into()).unwrap());
         let start = Instant::now();
-        say_stopping(&mut channel, "signal=TERM");
+        say_stopping(&mut channel, "signal=SIGTERM");
         assert!(
             start.elapsed() < DRAIN_BEFORE_POWEROFF,
             "drained, not timed out"
@@ -558,7 +558,7 @@ mod tests {
         assert_eq!(
             agent_proto::agent::decode::<GuestMessage>(line.as_bytes()).unwrap(),
             GuestMessage::Stopping {
-                reason: "signal=TERM".into()
+                reason: "signal=SIGTERM".into()
             }
         );
         // Without a channel there is nobody to tell, and nothing fails.

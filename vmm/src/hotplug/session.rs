@@ -223,7 +223,7 @@ pub mod tests {
         s.on_line(line(&ready), t0);
         assert!(s.connected(t0));
         let stopping = GuestMessage::Stopping {
-            reason: "signal=TERM".into(),
+            reason: "signal=SIGTERM".into(),
         };
         assert!(s.on_line(line(&stopping), t0).is_some());
         assert!(!s.connected(t0));
