@@ -233,6 +233,10 @@ pub const JOB_REPORT_GRACE: Duration = Duration::from_secs(30);
 /// `npt=0`, its console and the API silent from then on).
 pub const FROZEN_AFTER: Duration = Duration::from_secs(30);
 
+/// How often a launcher following a running VM asks for a failure of its
+/// emulated host that does not end it by itself (a frozen host).
+pub const HOST_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// If the heartbeat of the emulated host's kernel stopped: its last
 /// [`job::ALIVE`] among `lines` (with their console times) is more than
 /// [`FROZEN_AFTER`] before `now`. `None` before the first heartbeat.

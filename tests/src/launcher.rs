@@ -63,6 +63,7 @@ impl Plain<'_> {
         };
         self.announce(&vm);
         let started = Instant::now();
+        let mut last_host_check = started;
         loop {
             match vm.try_exit() {
                 Ok(Some(status)) => {
@@ -83,6 +84,18 @@ impl Plain<'_> {
                 (self.say)(&format!("signal {sig}: stopping the VM"));
                 vm.kill();
                 return crate::workload::status::INTERRUPTED;
+            }
+            // A frozen emulated host (its heartbeat stopped) never exits by
+            // itself: looked for every few seconds.
+            if vm.host_kind() == HostKind::Emulated
+                && last_host_check.elapsed() >= crate::emulated::HOST_CHECK_EVERY
+            {
+                last_host_check = Instant::now();
+                if let Some(why) = vm.host_failure() {
+                    vm.kill();
+                    (self.say)(&host_failure_line(&why));
+                    return HOST_FAILED;
+                }
             }
             if let (HostKind::Emulated, Some(t)) = (vm.host_kind(), self.timeout) {
                 let waited = started.elapsed();

@@ -182,3 +182,22 @@ fn run_mode_a_host_that_never_boots_is_status_123() {
     assert_eq!(status, HOST_FAILED, "{notes:#?}");
     the_line(&notes, "the emulated host reset");
 }
+
+#[test]
+fn plain_mode_a_frozen_host_is_status_123_and_one_line() {
+    // Its kernel's heartbeat comes once, then nothing, QEMU still running.
+    let fake = Fake::new(
+        "plain-frozen",
+        &format!("--- attempt 1\n{READY}\nkcon: [ 3.1] TESTHOST-ALIVE up_ms=3100\nsleep 600000\n"),
+    );
+    let start = std::time::Instant::now();
+    let (status, lines) = plain(&fake);
+    assert_eq!(status, HOST_FAILED, "{lines:#?}");
+    the_line(&lines, "the emulated host froze");
+    let took = start.elapsed();
+    assert!(
+        took >= e2e::emulated::FROZEN_AFTER
+            && took < e2e::emulated::FROZEN_AFTER + std::time::Duration::from_secs(20),
+        "{took:?}"
+    );
+}

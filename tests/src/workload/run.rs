@@ -176,6 +176,7 @@ pub fn follow(
     let mut st = State::default();
     let mut mark = 0;
     let deadline = cfg.timeout.map(|t| Instant::now() + t);
+    let mut last_host_check = Instant::now();
     loop {
         let follow = vm.console().follow(mark);
         mark = follow.next;
@@ -225,6 +226,22 @@ pub fn follow(
         {
             vm.kill();
             return Ok(finish(&vm, st, None, sink));
+        }
+        // A frozen emulated host (its heartbeat stopped) never exits by
+        // itself: looked for every few seconds.
+        if last_host_check.elapsed() >= crate::emulated::HOST_CHECK_EVERY {
+            last_host_check = Instant::now();
+            if let Some(why) = vm.host_failure() {
+                vm.kill();
+                let mut out = outcome(
+                    &vm,
+                    &st,
+                    status::HOST_FAILED,
+                    crate::launcher::host_failure_line(&why),
+                );
+                out.host_failure.get_or_insert(why);
+                return Ok(out);
+            }
         }
         if interrupted() {
             sink.note("interrupted: stopping the VM");
