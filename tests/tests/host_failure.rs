@@ -194,10 +194,9 @@ fn plain_mode_a_frozen_host_is_status_123_and_one_line() {
     let (status, lines) = plain(&fake);
     assert_eq!(status, HOST_FAILED, "{lines:#?}");
     the_line(&lines, "the emulated host froze");
+    // Not before the heartbeat has been silent that long (an upper bound
+    // would count the wait for the suite lock too; a host that is never
+    // found frozen ends as a reset instead, which `the_line` refuses).
     let took = start.elapsed();
-    assert!(
-        took >= e2e::emulated::FROZEN_AFTER
-            && took < e2e::emulated::FROZEN_AFTER + std::time::Duration::from_secs(20),
-        "{took:?}"
-    );
+    assert!(took >= e2e::emulated::FROZEN_AFTER, "{took:?}");
 }
