@@ -212,19 +212,7 @@ pub fn lists_fingerprint() -> Option<String> {
 
 /// Resolves `meta` to the kernel image package its candidate depends on.
 pub fn resolve(meta: &str) -> Result<KernelPackage, AptError> {
-    let out = run(
-        "apt-cache",
-        Command::new("apt-cache").args(["show", "--no-all-versions", meta]),
-    );
-    let out = match out {
-        Ok(out) if !out.stdout.is_empty() => out,
-        Ok(_) | Err(AptError::Failed { .. }) if !lists_present() => {
-            return Err(AptError::ListsMissing)
-        }
-        Ok(_) | Err(AptError::Failed { .. }) => return Err(AptError::UnknownPackage(meta.into())),
-        Err(e) => return Err(e),
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = show_candidate(meta)?;
     if let Some(pkg) = parse_show_output(&text) {
         return Ok(pkg);
     }
@@ -245,22 +233,23 @@ fn euid_is_root() -> bool {
 /// The candidate version of `package` (its first `Version:` in
 /// `apt-cache show --no-all-versions`).
 pub fn candidate_version(package: &str) -> Result<String, AptError> {
+    parse_version(&show_candidate(package)?).ok_or_else(|| AptError::UnknownPackage(package.into()))
+}
+
+/// `apt-cache show --no-all-versions package`: the candidate's record.
+/// Nothing shown is [`AptError::ListsMissing`] without package lists,
+/// else [`AptError::UnknownPackage`].
+fn show_candidate(package: &str) -> Result<String, AptError> {
     let out = run(
         "apt-cache",
         Command::new("apt-cache").args(["show", "--no-all-versions", package]),
     );
-    let out = match out {
-        Ok(out) if !out.stdout.is_empty() => out,
-        Ok(_) | Err(AptError::Failed { .. }) if !lists_present() => {
-            return Err(AptError::ListsMissing)
-        }
-        Ok(_) | Err(AptError::Failed { .. }) => {
-            return Err(AptError::UnknownPackage(package.into()))
-        }
-        Err(e) => return Err(e),
-    };
-    parse_version(&String::from_utf8_lossy(&out.stdout))
-        .ok_or_else(|| AptError::UnknownPackage(package.into()))
+    match out {
+        Ok(out) if !out.stdout.is_empty() => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Ok(_) | Err(AptError::Failed { .. }) if !lists_present() => Err(AptError::ListsMissing),
+        Ok(_) | Err(AptError::Failed { .. }) => Err(AptError::UnknownPackage(package.into())),
+        Err(e) => Err(e),
+    }
 }
 
 /// The first record's `Version:` of `apt-cache show` output.

@@ -29,7 +29,7 @@ pub const PACKAGE: &str = "busybox-static";
 pub enum BusyboxError {
     /// Neither apt nor the direct fetch could provide the package, and
     /// none is cached.
-    #[error("cannot get {PACKAGE}: {}", describe(.apt.as_deref(), .direct.as_deref()))]
+    #[error("cannot get {PACKAGE}: {}", crate::kernel::describe(.apt.as_deref(), .direct.as_deref()))]
     Unavailable {
         /// Why apt could not, if it was tried.
         apt: Option<Box<AptError>>,
@@ -51,23 +51,6 @@ pub enum BusyboxError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn describe(apt: Option<&AptError>, direct: Option<&FetchError>) -> String {
-    let mut parts = Vec::new();
-    if let Some(e) = apt {
-        parts.push(format!("apt: {e}"));
-    }
-    if let Some(e) = direct {
-        let mut text = format!("direct fetch: {e}");
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            text.push_str(&format!(": {s}"));
-            source = s.source();
-        }
-        parts.push(text);
-    }
-    parts.join("; ")
 }
 
 impl BusyboxError {

@@ -117,10 +117,10 @@ fn announce_guest_kernel(kernel: &Kernel) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
-/// The initramfs layout: the agent as `/init`, the mount points it uses,
-/// and `/dev/console` so the kernel can open a console for `/init` before
-/// devtmpfs is mounted.
-pub fn initramfs_archive(agent: &Path) -> std::io::Result<Archive> {
+/// What every guest initramfs has: the mount points of the kernel file
+/// systems, a `/tmp`, and `/dev/console` so the kernel can open a console
+/// for `/init` before devtmpfs is mounted.
+pub fn base_archive() -> Archive {
     let mut archive = Archive::new();
     archive
         .dir("dev", 0o755)
@@ -128,6 +128,12 @@ pub fn initramfs_archive(agent: &Path) -> std::io::Result<Archive> {
         .dir("proc", 0o555)
         .dir("sys", 0o555)
         .dir("tmp", 0o1777);
+    archive
+}
+
+/// The initramfs layout: [`base_archive`] with the agent as `/init`.
+pub fn initramfs_archive(agent: &Path) -> std::io::Result<Archive> {
+    let mut archive = base_archive();
     archive.file_from_host("init", agent, 0o755)?;
     Ok(archive)
 }

@@ -125,7 +125,9 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn describe(apt: Option<&AptError>, direct: Option<&FetchError>) -> String {
+/// Why neither fetch path gave a package: `apt: ...; direct fetch: ...`,
+/// each with its whole cause chain.
+pub(crate) fn describe(apt: Option<&AptError>, direct: Option<&FetchError>) -> String {
     let mut parts = Vec::new();
     if let Some(e) = apt {
         parts.push(format!("apt: {}", chain(e)));

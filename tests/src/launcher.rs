@@ -24,6 +24,42 @@ pub fn host_failure_line(classification: &str) -> String {
     )
 }
 
+/// Looks, every [`crate::emulated::HOST_CHECK_EVERY`], for a failure of a
+/// running VM's emulated host that does not end the VM by itself (a frozen
+/// host: its heartbeat stopped), and stops the VM when it finds one.
+#[derive(Debug)]
+pub struct HostWatch {
+    last: Instant,
+}
+
+impl HostWatch {
+    /// A watch whose first look is one interval from now.
+    pub fn new() -> Self {
+        HostWatch {
+            last: Instant::now(),
+        }
+    }
+
+    /// The failure, once due and found (the VM is then stopped).
+    pub fn failed(&mut self, vm: &mut RunningVm) -> Option<String> {
+        if vm.host_kind() != HostKind::Emulated
+            || self.last.elapsed() < crate::emulated::HOST_CHECK_EVERY
+        {
+            return None;
+        }
+        self.last = Instant::now();
+        let why = vm.host_failure()?;
+        vm.kill();
+        Some(why)
+    }
+}
+
+impl Default for HostWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The emulated host's failure behind `e`, if that is what it is.
 fn host_failure_of(e: &Error) -> Option<String> {
     match e {
@@ -63,7 +99,7 @@ impl Plain<'_> {
         };
         self.announce(&vm);
         let started = Instant::now();
-        let mut last_host_check = started;
+        let mut watch = HostWatch::new();
         loop {
             match vm.try_exit() {
                 Ok(Some(status)) => {
@@ -85,17 +121,9 @@ impl Plain<'_> {
                 vm.kill();
                 return crate::workload::status::INTERRUPTED;
             }
-            // A frozen emulated host (its heartbeat stopped) never exits by
-            // itself: looked for every few seconds.
-            if vm.host_kind() == HostKind::Emulated
-                && last_host_check.elapsed() >= crate::emulated::HOST_CHECK_EVERY
-            {
-                last_host_check = Instant::now();
-                if let Some(why) = vm.host_failure() {
-                    vm.kill();
-                    (self.say)(&host_failure_line(&why));
-                    return HOST_FAILED;
-                }
+            if let Some(why) = watch.failed(&mut vm) {
+                (self.say)(&host_failure_line(&why));
+                return HOST_FAILED;
             }
             if let (HostKind::Emulated, Some(t)) = (vm.host_kind(), self.timeout) {
                 let waited = started.elapsed();

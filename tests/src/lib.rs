@@ -27,6 +27,7 @@ pub mod job;
 pub mod launcher;
 pub mod locks;
 pub mod mux;
+pub mod ops;
 pub mod sys;
 pub mod vm;
 pub mod workload;

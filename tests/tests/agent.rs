@@ -5,8 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use api::client::{BlockingClient, ClientError, MutationOutcome};
+use api::client::{BlockingClient, ClientError};
 use api::{FaultKind, GuestWorker, GuestWorkers, OperationStatus, VcpuState};
+use e2e::ops::logged as finished;
 use e2e::RunningVm;
 
 type TestResult<T = ()> = Result<T, e2e::BoxError>;
@@ -55,15 +56,6 @@ fn done_on(w: &GuestWorkers, cpu: u32) -> u64 {
         .iter()
         .find(|c| c.cpu == cpu)
         .map_or(0, |c| c.items_done)
-}
-
-fn finished(what: &str, r: Result<MutationOutcome, ClientError>) -> TestResult<api::Operation> {
-    let op = r.map_err(|e| format!("{what}: {e}"))?.operation().clone();
-    println!(
-        "E2E-TIME step={what:?} op={} status={} ms={:?} reason={:?}",
-        op.id, op.status, op.duration_ms, op.reason
-    );
-    Ok(op)
 }
 
 fn scenario(vm: &mut RunningVm) -> TestResult {

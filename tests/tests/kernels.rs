@@ -14,9 +14,10 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use api::client::{BlockingClient, ClientError, MutationOutcome};
-use api::{GuestWorkers, OperationStatus, VcpuState};
+use api::client::BlockingClient;
+use api::{GuestWorkers, VcpuState};
 use e2e::guest_view::wait_guest_online;
+use e2e::ops::succeeded as finished;
 use e2e::RunningVm;
 use resources::Flavour;
 
@@ -62,18 +63,6 @@ fn done_on(w: &GuestWorkers, cpu: u32) -> u64 {
         .iter()
         .find(|c| c.cpu == cpu)
         .map_or(0, |c| c.items_done)
-}
-
-fn finished(what: &str, r: Result<MutationOutcome, ClientError>) -> TestResult<api::Operation> {
-    let op = r.map_err(|e| format!("{what}: {e}"))?.operation().clone();
-    println!(
-        "E2E-TIME step={what:?} op={} status={} ms={:?} reason={:?}",
-        op.id, op.status, op.duration_ms, op.reason
-    );
-    if op.status != OperationStatus::Succeeded {
-        return Err(format!("{what}: {op:?}").into());
-    }
-    Ok(op)
 }
 
 fn set(ids: impl IntoIterator<Item = u32>) -> BTreeSet<u32> {

@@ -18,10 +18,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use api::client::{BlockingClient, ClientError, MutationOutcome};
-use api::{OperationStatus, VcpuState};
+use api::VcpuState;
 use e2e::guest_view::wait_guest_online;
 use e2e::RunningVm;
-use resources::cpio::{Archive, Compression};
+use resources::cpio::Compression;
 
 type TestResult<T = ()> = Result<T, e2e::BoxError>;
 
@@ -67,13 +67,8 @@ impl Drop for Scratch {
 /// The initramfs: busybox as `/init` (its `init` applet), the agent as
 /// `/bin/guest-agent`, the hook, the inittab and the rcS script.
 fn build_initramfs(busybox: &Path, agent: &Path, dir: &Path) -> std::io::Result<PathBuf> {
-    let mut archive = Archive::new();
+    let mut archive = resources::guest_image::base_archive();
     archive
-        .dir("dev", 0o755)
-        .char_device("dev/console", 0o600, 5, 1)
-        .dir("proc", 0o555)
-        .dir("sys", 0o555)
-        .dir("tmp", 0o1777)
         .dir("bin", 0o755)
         .dir("sbin", 0o755)
         .dir("etc", 0o755)
@@ -92,18 +87,11 @@ fn build_initramfs(busybox: &Path, agent: &Path, dir: &Path) -> std::io::Result<
     Ok(path)
 }
 
+/// [`e2e::ops::succeeded`], completed on the agent's report (not on the
+/// bare ACPI event).
 fn finished(what: &str, r: Result<MutationOutcome, ClientError>) -> TestResult<api::Operation> {
-    let op = r.map_err(|e| format!("{what}: {e}"))?.operation().clone();
-    println!(
-        "E2E-TIME step={what:?} op={} status={} ms={:?} reason={:?}",
-        op.id, op.status, op.duration_ms, op.reason
-    );
-    if op.status != OperationStatus::Succeeded {
-        return Err(format!("{what}: {op:?}").into());
-    }
-    // Completed on the agent's report, not on the bare ACPI event.
-    let text = format!("{:?}", op.reason);
-    if text.contains("no guest agent") {
+    let op = e2e::ops::succeeded(what, r)?;
+    if format!("{:?}", op.reason).contains("no guest agent") {
         return Err(format!("{what} completed without the agent: {op:?}").into());
     }
     Ok(op)

@@ -176,7 +176,7 @@ pub fn follow(
     let mut st = State::default();
     let mut mark = 0;
     let deadline = cfg.timeout.map(|t| Instant::now() + t);
-    let mut last_host_check = Instant::now();
+    let mut watch = crate::launcher::HostWatch::new();
     loop {
         let follow = vm.console().follow(mark);
         mark = follow.next;
@@ -227,21 +227,9 @@ pub fn follow(
             vm.kill();
             return Ok(finish(&vm, st, None, sink));
         }
-        // A frozen emulated host (its heartbeat stopped) never exits by
-        // itself: looked for every few seconds.
-        if last_host_check.elapsed() >= crate::emulated::HOST_CHECK_EVERY {
-            last_host_check = Instant::now();
-            if let Some(why) = vm.host_failure() {
-                vm.kill();
-                let mut out = outcome(
-                    &vm,
-                    &st,
-                    status::HOST_FAILED,
-                    crate::launcher::host_failure_line(&why),
-                );
-                out.host_failure.get_or_insert(why);
-                return Ok(out);
-            }
+        // A frozen emulated host never exits by itself.
+        if let Some(why) = watch.failed(&mut vm) {
+            return Ok(host_failed(&vm, &st, why));
         }
         if interrupted() {
             sink.note("interrupted: stopping the VM");
@@ -309,6 +297,19 @@ fn show_tail(vm: &RunningVm, sink: &mut dyn Sink) {
     }
 }
 
+/// The run's end when the emulated host failed (`why`): its one line and
+/// [`status::HOST_FAILED`].
+fn host_failed(vm: &RunningVm, st: &State, why: String) -> Outcome {
+    let mut out = outcome(
+        vm,
+        st,
+        status::HOST_FAILED,
+        crate::launcher::host_failure_line(&why),
+    );
+    out.host_failure.get_or_insert(why);
+    out
+}
+
 fn outcome(vm: &RunningVm, st: &State, status: i32, summary: String) -> Outcome {
     Outcome {
         status,
@@ -357,14 +358,7 @@ fn finish(
     }
     .or_else(|| vm.nested_guest_failure());
     if let Some(why) = host {
-        let mut out = outcome(
-            vm,
-            &st,
-            status::HOST_FAILED,
-            crate::launcher::host_failure_line(&why),
-        );
-        out.host_failure.get_or_insert(why);
-        return out;
+        return host_failed(vm, &st, why);
     }
     let summary = if st.started.is_some() {
         format!("the VM ended while the workload ran: {vmm}")
