@@ -24,7 +24,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// apart with the `host: ` prefix and not quiet (its full boot log costs no
 /// measurable time and tells where a hung boot stopped); reboot at once on
 /// a panic (QEMU then exits: `-no-reboot`).
-pub const HOST_CMDLINE: &str = "console=ttyS0 panic=-1 rdinit=/init";
+/// `printk.devkmsg=on`: `testhost-init`'s silence report writes dozens of
+/// records into `/dev/kmsg` at once, past the default rate limit.
+pub const HOST_CMDLINE: &str = "console=ttyS0 panic=-1 rdinit=/init printk.devkmsg=on";
 /// Bound on QEMU connecting the forward link socket after its start.
 const LINK_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -22,6 +22,27 @@ pub const ALIVE: &str = "TESTHOST-ALIVE";
 /// How often [`ALIVE`] is written.
 pub const ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// After this long without a line from the job, `testhost-init` writes
+/// its threads' state into the kernel log (a `TESTHOST-DIAG` report), and
+/// again every [`SILENCE_REPEAT`] while the silence lasts: what a test
+/// that then times out waiting for the VMM or the guest was stuck on.
+pub const SILENCE_REPORT: std::time::Duration = std::time::Duration::from_secs(20);
+/// See [`SILENCE_REPORT`].
+pub const SILENCE_REPEAT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a silence report is due: the job has printed nothing for
+/// `quiet`, and the last report of this silence was `since_report` ago
+/// (`None`: none yet).
+pub fn silence_report_due(
+    quiet: std::time::Duration,
+    since_report: Option<std::time::Duration>,
+) -> bool {
+    match since_report {
+        Some(ago) => ago >= SILENCE_REPEAT,
+        None => quiet >= SILENCE_REPORT,
+    }
+}
+
 /// A kernel module to load, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Module {
@@ -192,6 +213,18 @@ mod tests {
             field("TESTHOST-READY init_ms=2100 modules_ms=600", "modules_ms"),
             Some("600")
         );
+    }
+
+    #[test]
+    fn silence_is_reported_once_then_every_minute() {
+        use std::time::Duration as D;
+        assert!(!silence_report_due(D::from_secs(19), None));
+        assert!(silence_report_due(D::from_secs(20), None));
+        assert!(!silence_report_due(
+            D::from_secs(50),
+            Some(D::from_secs(30))
+        ));
+        assert!(silence_report_due(D::from_secs(80), Some(D::from_secs(60))));
     }
 
     #[test]

@@ -245,7 +245,10 @@ fn connect_patiently(path: &Path) -> std::io::Result<UnixStream> {
 /// time: the guest console (the VMM's stdout) and the VMM's log (stderr)
 /// never interleave within a line. Returns the writer thread, which ends
 /// once both streams are closed.
-fn relay_lines(child: &mut std::process::Child) -> std::thread::JoinHandle<()> {
+fn relay_lines(
+    child: &mut std::process::Child,
+    last_line: std::sync::Arc<std::sync::Mutex<Instant>>,
+) -> std::thread::JoinHandle<()> {
     use std::io::{BufRead, BufReader, Read, Write};
     let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let streams: [Option<Box<dyn Read + Send>>; 2] = [
@@ -278,6 +281,9 @@ fn relay_lines(child: &mut std::process::Child) -> std::thread::JoinHandle<()> {
     drop(tx);
     std::thread::spawn(move || {
         for line in rx {
+            if let Ok(mut t) = last_line.lock() {
+                *t = Instant::now();
+            }
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&line);
             let _ = out.flush();
@@ -300,16 +306,29 @@ fn run_job(job: &Job) -> Result<ExitStatus> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("stage=job cannot start {prog}"))?;
-    let relay = relay_lines(&mut child);
+    let last_line = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
+    let relay = relay_lines(&mut child, last_line.clone());
     let deadline = Instant::now() + Duration::from_secs(job.timeout_secs);
+    let mut reported: Option<Instant> = None;
     loop {
+        let quiet_since = last_line
+            .lock()
+            .map(|t| *t)
+            .unwrap_or_else(|_| Instant::now());
+        let since_report = reported
+            .filter(|at| *at > quiet_since)
+            .map(|at| at.elapsed());
+        if job::silence_report_due(quiet_since.elapsed(), since_report) {
+            report_silence(child.id(), quiet_since.elapsed());
+            reported = Some(Instant::now());
+        }
         if let Some(status) = child.try_wait().context("stage=job wait")? {
             // Everything the job printed is on the console before its exit line.
             let _ = relay.join();
             return Ok(status);
         }
         if Instant::now() >= deadline {
-            dump_threads(child.id());
+            dump_threads(child.id(), &mut |line| say(line));
             let _ = child.kill();
             let _ = child.wait();
             let _ = relay.join();
@@ -322,10 +341,39 @@ fn run_job(job: &Job) -> Result<ExitStatus> {
     }
 }
 
-/// Prints the state and kernel stack of every thread of `pid` (why a job
-/// hangs: e.g. a vCPU thread stuck in KVM_RUN, or the process stuck in
-/// VM teardown).
-fn dump_threads(pid: u32) {
+/// The job printed nothing for `quiet`: writes the state of its threads
+/// and of ours (the relay), and the serial ports' counters, into the
+/// kernel log, which reaches the harness on ttyS0 even when the console
+/// port (ttyS2) is what stalled. Which of "the VMM is blocked in the
+/// kernel", "the guest went quiet" and "the console stopped moving" it
+/// was can then be read from the failed test's log.
+fn report_silence(pid: u32, quiet: Duration) {
+    let Ok(mut kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") else {
+        return;
+    };
+    let mut put = |line: &str| {
+        // One write() is one kernel log record; level 5 reaches the console.
+        let _ = kmsg.write_all(format!("<5>{line}\n").as_bytes());
+    };
+    put(&format!(
+        "TESTHOST-DIAG the job printed nothing for {} s: its threads, ours, the serial ports",
+        quiet.as_secs()
+    ));
+    dump_threads(pid, &mut put);
+    dump_threads(std::process::id(), &mut put);
+    for line in std::fs::read_to_string("/proc/tty/driver/serial")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("tx:"))
+    {
+        put(&format!("TESTHOST-DIAG serial {line}"));
+    }
+}
+
+/// Writes the state and kernel stack of every thread of `pid` to `out`
+/// (why a job hangs: e.g. a vCPU thread stuck in KVM_RUN, or the process
+/// stuck in VM teardown).
+fn dump_threads(pid: u32, out: &mut dyn FnMut(&str)) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return;
     };
@@ -338,14 +386,18 @@ fn dump_threads(pid: u32) {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .unwrap_or("?")
             .to_string();
-        say(&format!(
-            "TESTHOST-DIAG tid={} comm={} state={state} wchan={}",
+        // The syscall number and first argument (an ioctl's request).
+        let syscall = read("syscall");
+        let syscall: Vec<&str> = syscall.split_whitespace().take(3).collect();
+        out(&format!(
+            "TESTHOST-DIAG tid={} comm={} state={state} wchan={} syscall={}",
             task.file_name().to_string_lossy(),
             read("comm").trim(),
-            read("wchan").trim()
+            read("wchan").trim(),
+            syscall.join(",")
         ));
         for frame in read("stack").lines().take(12) {
-            say(&format!("TESTHOST-DIAG   {frame}"));
+            out(&format!("TESTHOST-DIAG   {frame}"));
         }
     }
 }
