@@ -40,6 +40,19 @@ pub enum Error {
     /// The emulated host itself failed (reset, soft lockup): retried once.
     #[error("the emulated host failed: {0}")]
     HostFailed(String),
+    /// The emulated host (or the nested guest under it) failed in a
+    /// classified way again on the one retry: the test fails with both
+    /// classifications and what the scenario saw.
+    #[error("the emulated host failed again on the retry, not retried twice: {second} (the first attempt: {first})")]
+    HostFailedAgain {
+        /// The first attempt's classification (as announced by `E2E-RETRY:`).
+        first: String,
+        /// The retry's classification.
+        second: String,
+        /// What the scenario saw.
+        #[source]
+        scenario: BoxError,
+    },
     /// `testhost-init` reported an error of its own.
     #[error("testhost-init: {0}")]
     Testhost(String),
@@ -88,6 +101,41 @@ impl Error {
     /// True when the emulated host itself failed: the one case retried.
     pub fn is_host_failure(&self) -> bool {
         matches!(self, Error::HostFailed(_))
+    }
+}
+
+/// What a failed scenario attempt leads to under the retry policy.
+#[derive(Debug)]
+pub enum AfterFailure {
+    /// The emulated host (or the nested guest under it) failed in a
+    /// classified way on the first attempt: boot once more.
+    Retry(String),
+    /// The test fails with this error.
+    Fail(Error),
+}
+
+/// The retry policy for a scenario that returned `scenario`: `host_failed`
+/// is the classified failure of the emulated host or nested guest seen on
+/// the console, if any; `retried` the `E2E-RETRY:` note of an earlier
+/// retry, if there was one. A classified failure is retried once; a second
+/// one fails the test with both classifications in the message; anything
+/// else is the scenario's own failure.
+pub fn after_failure(
+    host_failed: Option<String>,
+    retried: Option<&str>,
+    scenario: BoxError,
+) -> AfterFailure {
+    match (host_failed, retried) {
+        (Some(f), None) => AfterFailure::Retry(f),
+        (Some(second), Some(note)) => AfterFailure::Fail(Error::HostFailedAgain {
+            first: note
+                .trim_start_matches("E2E-RETRY: ")
+                .trim_end_matches("; booting the emulated host once more")
+                .to_string(),
+            second,
+            scenario,
+        }),
+        (None, _) => AfterFailure::Fail(Error::Scenario(scenario)),
     }
 }
 
@@ -153,5 +201,51 @@ pub(crate) trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::io(what(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario_error() -> BoxError {
+        "cycle 3: resize 8->1: no answer within 120s".into()
+    }
+
+    #[test]
+    fn a_classified_failure_is_retried_once_then_named_in_the_failure() {
+        let first = after_failure(Some("soft lockup".into()), None, scenario_error());
+        assert!(matches!(first, AfterFailure::Retry(ref f) if f == "soft lockup"));
+        let note = "E2E-RETRY: the emulated host failed: triple fault; booting the emulated host once more";
+        let AfterFailure::Fail(e) = after_failure(
+            Some("host: BUG: soft lockup".into()),
+            Some(note),
+            scenario_error(),
+        ) else {
+            panic!("a second classified failure is not retried");
+        };
+        let text = chain(&e);
+        assert!(!e.is_host_failure(), "{text}");
+        for part in [
+            "failed again on the retry",
+            "host: BUG: soft lockup",
+            "the first attempt: the emulated host failed: triple fault)",
+            "no answer within 120s",
+        ] {
+            assert!(text.contains(part), "{part:?} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn an_unclassified_failure_is_the_scenarios() {
+        for retried in [
+            None,
+            Some("E2E-RETRY: x; booting the emulated host once more"),
+        ] {
+            let AfterFailure::Fail(e) = after_failure(None, retried, scenario_error()) else {
+                panic!("never retried");
+            };
+            assert!(matches!(e, Error::Scenario(_)));
+        }
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::artifacts;
 use crate::console::{Console, Echo, WaitError};
 use crate::emulated::{EmulatedHost, FileIn, HostTimings, Payload, QemuConfig, WorkDir};
-use crate::error::{BoxError, Error, IoContext, Result};
+use crate::error::{AfterFailure, BoxError, Error, IoContext, Result};
 use crate::host::{self, HostKind};
 use crate::locks::{self, HostSlot, SocketLock, SuiteLock};
 /// The VMM's API socket inside the emulated host.
@@ -361,20 +361,24 @@ pub fn run<T>(
                             .map(Error::to_string)
                     })
                     .or_else(|| vm.nested_guest_failure());
-                if let (Some(f), None) = (host_failed, &retried) {
-                    eprintln!(
-                        "--- console log of the failed attempt ---\n{}--- end ---",
-                        vm.console_log()
-                    );
-                    retried = Some(note_retry(&Error::HostFailed(f)));
-                    note_last_lines(&vm);
-                    continue;
+                match crate::error::after_failure(host_failed, retried.as_deref(), e) {
+                    AfterFailure::Retry(f) => {
+                        eprintln!(
+                            "--- console log of the failed attempt ---\n{}--- end ---",
+                            vm.console_log()
+                        );
+                        retried = Some(note_retry(&Error::HostFailed(f)));
+                        note_last_lines(&vm);
+                        continue;
+                    }
+                    AfterFailure::Fail(e) => {
+                        eprintln!(
+                            "--- console log ---\n{}--- end of console log ---",
+                            vm.console_log()
+                        );
+                        return Err(e);
+                    }
                 }
-                eprintln!(
-                    "--- console log ---\n{}--- end of console log ---",
-                    vm.console_log()
-                );
-                return Err(Error::Scenario(e));
             }
         }
     }
