@@ -45,7 +45,7 @@ pub enum Error {
     /// classifications and what the scenario saw.
     #[error("the emulated host failed again on the retry, not retried twice: {second} (the first attempt: {first})")]
     HostFailedAgain {
-        /// The first attempt's classification (as announced by `E2E-RETRY:`).
+        /// The first attempt's classification (the one `E2E-RETRY:` announced).
         first: String,
         /// The retry's classification.
         second: String,
@@ -116,22 +116,19 @@ pub enum AfterFailure {
 
 /// The retry policy for a scenario that returned `scenario`: `host_failed`
 /// is the classified failure of the emulated host or nested guest seen on
-/// the console, if any; `retried` the `E2E-RETRY:` note of an earlier
-/// retry, if there was one. A classified failure is retried once; a second
+/// the console, if any; `first` the classified failure an earlier attempt
+/// was retried for, if there was one. A classified failure is retried once; a second
 /// one fails the test with both classifications in the message; anything
 /// else is the scenario's own failure.
 pub fn after_failure(
     host_failed: Option<String>,
-    retried: Option<&str>,
+    first: Option<&str>,
     scenario: BoxError,
 ) -> AfterFailure {
-    match (host_failed, retried) {
+    match (host_failed, first) {
         (Some(f), None) => AfterFailure::Retry(f),
-        (Some(second), Some(note)) => AfterFailure::Fail(Error::HostFailedAgain {
-            first: note
-                .trim_start_matches("E2E-RETRY: ")
-                .trim_end_matches("; booting the emulated host once more")
-                .to_string(),
+        (Some(second), Some(first)) => AfterFailure::Fail(Error::HostFailedAgain {
+            first: first.to_string(),
             second,
             scenario,
         }),
@@ -216,10 +213,10 @@ mod tests {
     fn a_classified_failure_is_retried_once_then_named_in_the_failure() {
         let first = after_failure(Some("soft lockup".into()), None, scenario_error());
         assert!(matches!(first, AfterFailure::Retry(ref f) if f == "soft lockup"));
-        let note = "E2E-RETRY: the emulated host failed: triple fault; booting the emulated host once more";
+        let first = "the emulated host failed: triple fault";
         let AfterFailure::Fail(e) = after_failure(
             Some("host: BUG: soft lockup".into()),
-            Some(note),
+            Some(first),
             scenario_error(),
         ) else {
             panic!("a second classified failure is not retried");
@@ -238,11 +235,8 @@ mod tests {
 
     #[test]
     fn an_unclassified_failure_is_the_scenarios() {
-        for retried in [
-            None,
-            Some("E2E-RETRY: x; booting the emulated host once more"),
-        ] {
-            let AfterFailure::Fail(e) = after_failure(None, retried, scenario_error()) else {
+        for first in [None, Some("the emulated host failed: x")] {
+            let AfterFailure::Fail(e) = after_failure(None, first, scenario_error()) else {
                 panic!("never retried");
             };
             assert!(matches!(e, Error::Scenario(_)));

@@ -337,18 +337,19 @@ pub fn run<T>(
 ) -> Result<T> {
     let plan = plan_vm(spec)?;
     let leases = Leases::take(&plan)?;
-    let mut retried = None;
+    // The first attempt's classified failure and its `E2E-RETRY:` note.
+    let mut retried: Option<(String, String)> = None;
     loop {
         let mut vm = match boot_once(&plan, &leases) {
             Ok(vm) => vm,
             Err(e) if e.is_host_failure() && retried.is_none() => {
-                retried = Some(note_retry(&e));
+                retried = Some((e.to_string(), note_retry(&e)));
                 continue;
             }
             Err(e) => return Err(e),
         };
-        if let Some(r) = &retried {
-            vm.note_retry(r);
+        if let Some((_, note)) = &retried {
+            vm.note_retry(note);
         }
         match scenario(&mut vm) {
             Ok(v) => return Ok(v),
@@ -361,13 +362,15 @@ pub fn run<T>(
                             .map(Error::to_string)
                     })
                     .or_else(|| vm.nested_guest_failure());
-                match crate::error::after_failure(host_failed, retried.as_deref(), e) {
+                let first = retried.as_ref().map(|(f, _)| f.as_str());
+                match crate::error::after_failure(host_failed, first, e) {
                     AfterFailure::Retry(f) => {
                         eprintln!(
                             "--- console log of the failed attempt ---\n{}--- end ---",
                             vm.console_log()
                         );
-                        retried = Some(note_retry(&Error::HostFailed(f)));
+                        let e = Error::HostFailed(f);
+                        retried = Some((e.to_string(), note_retry(&e)));
                         note_last_lines(&vm);
                         continue;
                     }

@@ -88,12 +88,15 @@ fn start_heartbeat() {
     let _ = std::thread::Builder::new()
         .name("heartbeat".into())
         .spawn(move || loop {
-            // Level 5 (notice): on the console at the default log level.
-            // One write() is one kernel log record.
-            let record = format!("<5>{} up_ms={}\n", job::ALIVE, uptime_ms());
-            let _ = kmsg.write_all(record.as_bytes());
+            kmsg_record(&mut kmsg, &format!("{} up_ms={}", job::ALIVE, uptime_ms()));
             std::thread::sleep(job::ALIVE_EVERY);
         });
+}
+
+/// Writes `line` as one kernel log record (one write() is one record) at
+/// level 5 (notice), which the kernel prints on its console (ttyS0).
+fn kmsg_record(kmsg: &mut File, line: &str) {
+    let _ = kmsg.write_all(format!("<5>{line}\n").as_bytes());
 }
 
 fn uptime_ms() -> u64 {
@@ -351,10 +354,7 @@ fn report_silence(pid: u32, quiet: Duration) {
     let Ok(mut kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") else {
         return;
     };
-    let mut put = |line: &str| {
-        // One write() is one kernel log record; level 5 reaches the console.
-        let _ = kmsg.write_all(format!("<5>{line}\n").as_bytes());
-    };
+    let mut put = |line: &str| kmsg_record(&mut kmsg, line);
     put(&format!(
         "TESTHOST-DIAG the job printed nothing for {} s: its threads, ours, the serial ports",
         quiet.as_secs()
